@@ -199,6 +199,8 @@ def resolve_embedded_model(name: str) -> Path:
         if _is_converted(target, model):  # another process converted it while we waited
             return target
         _remove_stale_work_dirs(models_root, model)
+        if target.exists():  # a damaged or hand-edited conversion (bad marker): replace it
+            shutil.rmtree(target)
         work = Path(tempfile.mkdtemp(prefix=f".{model.converted_dir_name}.tmp-", dir=models_root))
         try:
             _convert_into(model, part_paths, work)
