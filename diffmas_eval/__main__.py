@@ -1,0 +1,3 @@
+from diffmas_eval.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""Decoding, written once for every method: greedy or seeded sampling from a prompt on top of an optional trace."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffmas_eval.core.trace import KVTrace, append_prompts
+
+if TYPE_CHECKING:
+    from diffmas_eval.core.backbone import Backbone
+
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How one agent decodes. Greedy unless `do_sample` (temperature 0 also means greedy)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict[str, Any], default_max_new_tokens: int) -> DecodingConfig:
+        """Build from lm-eval generation kwargs (`until`, `max_gen_toks`, `do_sample`, `temperature`, ...).
+
+        Raises:
+            ValueError: for a generation kwarg this backend does not implement (rather than silently ignoring it).
+        """
+        kwargs = dict(gen_kwargs)
+        until = kwargs.pop("until", None) or ()
+        stop = (until,) if isinstance(until, str) else tuple(until)
+        max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", default_max_new_tokens)))
+        temperature = float(kwargs.pop("temperature", 0.0 if not kwargs.get("do_sample") else 1.0))
+        do_sample = bool(kwargs.pop("do_sample", temperature > 0))
+        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        top_k = int(kwargs.pop("top_k", 0) or 0)
+        unknown = set(kwargs)
+        if unknown:
+            raise ValueError(f"unsupported generation kwargs {sorted(unknown)}; supported: until, max_gen_toks, "
+                             "do_sample, temperature, top_p, top_k")
+        return cls(max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                   stop=tuple(s for s in stop if s))
+
+    def for_upstream(self, max_new_tokens: int) -> DecodingConfig:
+        """Same sampling settings, the upstream agents' budget, and no task stop strings."""
+        return replace(self, max_new_tokens=max_new_tokens, stop=())
+
+
+@dataclass
+class Generation:
+    """One agent's output for one row: its tokens (end-of-turn excluded), text, and whether it ended on its own."""
+
+    token_ids: list[int]
+    text: str
+    stopped_before_budget: bool
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts (request text, role, base seed): independent of batch and order."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _choose_tokens(logits: torch.Tensor, config: DecodingConfig, generators: list[torch.Generator] | None,
+                   active: list[bool]) -> torch.Tensor:
+    """Next token per row from `logits [B, V]`: argmax, or a per-row seeded sample."""
+    logits = logits.float()
+    if not config.sampling:
+        return logits.argmax(dim=-1)
+    chosen = logits.argmax(dim=-1)
+    for row in range(logits.shape[0]):
+        if not active[row]:
+            continue
+        scores = logits[row] / config.temperature
+        if config.top_k > 0:
+            kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if config.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            # Nucleus: drop a token once the tokens ranked above it already reach top_p (the first always stays).
+            scores[order[(probs.cumsum(dim=-1) - probs) > config.top_p]] = float("-inf")
+        chosen[row] = torch.multinomial(scores.softmax(dim=-1), 1, generator=generators[row])[0]
+    return chosen
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
+def generate(
+    backbone: Backbone,
+    prompts: list[list[int]],
+    trace: KVTrace | None,
+    config: DecodingConfig,
+    seeds: list[int] | None = None,
+) -> list[Generation]:
+    """Decode every row from its prompt, prefilled on top of `trace` (consumed: its cache is extended in place).
+
+    Args:
+        prompts: the agent's rendered chat prompt per row (token ids, unpadded).
+        trace: the working memory each row reads, or None.
+        config: budget, stop strings and sampling settings.
+        seeds: one seed per row, used only when sampling (a row's sample never depends on the other rows).
+
+    Returns:
+        One `Generation` per row. Decoding stops at an end-of-turn token, a stop string or the budget.
+    """
+    batch = len(prompts)
+    if config.sampling and (seeds is None or len(seeds) != batch):
+        raise ValueError("sampling needs one seed per row")
+    trace, logits = append_prompts(backbone, trace, prompts, output="logits")
+    mask = trace.mask
+    position = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    generators = None
+    if config.sampling:
+        generators = [torch.Generator(device=logits.device).manual_seed(int(s)) for s in seeds]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    active = [True] * batch
+    stopped = [False] * batch
+    texts: list[str | None] = [None] * batch
+    for step in range(config.max_new_tokens):
+        chosen = _choose_tokens(logits, config, generators, active).tolist()
+        for row in range(batch):
+            if not active[row]:
+                continue
+            if chosen[row] in backbone.eos_token_ids:
+                active[row], stopped[row] = False, True
+                continue
+            tokens[row].append(chosen[row])
+            if config.stop:
+                text = backbone.decode(tokens[row])
+                cut = _first_stop(text, config.stop)
+                if cut is not None:
+                    active[row], stopped[row], texts[row] = False, True, text[:cut]
+        if not any(active) or step == config.max_new_tokens - 1:
+            break
+        feed = torch.tensor(chosen, dtype=torch.long, device=mask.device)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        logits = backbone.model(input_ids=feed, attention_mask=mask, position_ids=position,
+                                past_key_values=trace.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return [
+        Generation(token_ids=tokens[row], text=texts[row] if texts[row] is not None else backbone.decode(tokens[row]),
+                   stopped_before_budget=stopped[row])
+        for row in range(batch)
+    ]

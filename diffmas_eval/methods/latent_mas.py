@@ -1,0 +1,78 @@
+"""LatentMAS (methods.md §3): upstream agents append their prompts and m latent steps to one shared KV trace.
+
+Differences from the reference code, on purpose: with m = 0 the judger still reads the trace; batches are
+left-padded with real masks and positions (no pad token's hidden state is ever read); transformers 5 cache API;
+any decoder-only HF architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffmas_eval.core.backbone import Backbone
+from diffmas_eval.core.decode import DecodingConfig
+from diffmas_eval.core.latent import LatentAligner, build_aligner, run_latent_steps
+from diffmas_eval.core.trace import KVTrace, append_prompts
+from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, Question
+from diffmas_eval.prompts import PromptSet
+
+COMMUNICATION_MODES = ("trace", "none", "other_doc")
+
+
+class LatentMAS(Method):
+    """Sequential: planner, critic, refiner each prefill onto the cumulative trace and take m latent steps; the judger
+    decodes on top. Hierarchical: the math, science and code agents chain through the same cumulative trace."""
+
+    name = "latent-mas"
+    family = "latent_mas"
+
+    def __init__(self, backbone: Backbone, prompts: PromptSet, *, latent_steps: int = 10, realign: bool = False,
+                 communication: str = "trace", **kwargs: Any) -> None:
+        super().__init__(backbone, prompts, **kwargs)
+        if int(latent_steps) != latent_steps or latent_steps < 0:
+            raise ValueError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
+        if communication not in COMMUNICATION_MODES:
+            raise ValueError(f"unknown communication {communication!r}; use one of {', '.join(COMMUNICATION_MODES)}")
+        self.latent_steps = int(latent_steps)
+        self.realign = bool(realign)
+        self.communication = communication
+        self._aligner: LatentAligner | None = None
+        self.recorded_latents: list[list[torch.Tensor]] | None = None  # set to [] to record fed embeddings per agent
+
+    @property
+    def aligner(self) -> LatentAligner:
+        """The alignment map, solved once per method instance (the one-time cost of realignment)."""
+        if self._aligner is None:
+            self._aligner = build_aligner(self.backbone, self.realign)
+        return self._aligner
+
+    def build_trace(self, trace_questions: list[str], agents: list[list[AgentCall]]) -> KVTrace | None:
+        """Run every upstream agent on the cumulative trace: prefill its prompt, then m latent steps."""
+        trace = None
+        for role in self.upstream_roles:
+            prompts = [self.render(role, text) for text in trace_questions]
+            record = [] if self.recorded_latents is not None else None
+            with self.acting_as(role):
+                trace, hidden = append_prompts(self.backbone, trace, prompts, output="hidden")
+                trace, _ = run_latent_steps(self.backbone, trace, hidden, self.latent_steps, self.aligner, record)
+            if record is not None:
+                self.recorded_latents.append(record)
+            for row, prompt in enumerate(prompts):
+                agents[row].append(AgentCall(role=role, prompt_tokens=len(prompt), latent_steps=self.latent_steps))
+        return trace
+
+    def prepare(self, questions: list[Question], decoding: DecodingConfig) -> FinalAgentStart:
+        agents: list[list[AgentCall]] = [[] for _ in questions]
+        trace = None
+        if self.communication != "none":
+            texts = [q.trace_text if self.communication == "other_doc" else q.text for q in questions]
+            if self.communication == "other_doc" and any(t is None for t in texts):
+                raise ValueError("communication=other_doc needs each question's trace_text (another document)")
+            trace = self.build_trace(texts, agents)
+        return FinalAgentStart(prompts=[self.final_prompt(q) for q in questions], trace=trace, agents=agents)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "max_new_tokens": None, "latent_steps": self.latent_steps,
+                "realign": self.realign, "communication": self.communication}
