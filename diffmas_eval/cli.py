@@ -1,8 +1,8 @@
 """`diffmas-eval`: the whole lm-eval CLI with our backends registered and our `tasks/` on the include path.
 
-    diffmas-eval --model latent-mas --model_args latent_steps=10 --tasks mas_gsm8k --limit 8
-    diffmas-eval ls tasks            # lm-eval's listing, including this project's tasks
-    diffmas-eval models              # the methods and the embedded models
+diffmas-eval --model latent-mas --model_args latent_steps=10 --tasks mas_gsm8k --limit 8
+diffmas-eval ls tasks            # lm-eval's listing, including this project's tasks
+diffmas-eval models              # the methods and the embedded models
 """
 
 from __future__ import annotations

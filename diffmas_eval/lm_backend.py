@@ -30,9 +30,24 @@ from diffmas_eval.paths import cache_dir
 from diffmas_eval.prompts import FINAL_ROLE, load_prompt_set
 
 _COMMON_ARGS = (
-    "pretrained", "dtype", "device", "batch_size", "max_batch_size", "topology", "max_new_tokens", "max_gen_toks",
-    "enable_thinking", "system_prompt", "prompts", "seed", "sidecar", "device_map", "parallelize", "revision",
-    "trust_remote_code", "max_length",
+    "pretrained",
+    "dtype",
+    "device",
+    "batch_size",
+    "max_batch_size",
+    "topology",
+    "max_new_tokens",
+    "max_gen_toks",
+    "enable_thinking",
+    "system_prompt",
+    "prompts",
+    "seed",
+    "sidecar",
+    "device_map",
+    "parallelize",
+    "revision",
+    "trust_remote_code",
+    "max_length",
 )
 
 
@@ -84,22 +99,43 @@ class MultiAgentLM(LM):
             raise ValueError(f"{', '.join(twice)} given twice (in --model_args and as --{twice[0]}); give it once")
         return cls(**arg_dict, **extra)
 
-    def __init__(self, pretrained: str | None = None, dtype: str = "auto", device: str | None = None,
-                 batch_size: int | str | None = 1, max_batch_size: int | None = None, topology: str = "sequential",
-                 max_new_tokens: int = 256, max_gen_toks: int = 512, enable_thinking: bool | None = None,
-                 system_prompt: str | None = None, prompts: str | None = None, seed: int = 1234,
-                 sidecar: str | None = None, device_map: str | None = None, parallelize: bool = False,
-                 revision: str | None = None, trust_remote_code: bool = False, max_length: int | None = None,
-                 **method_kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        topology: str = "sequential",
+        max_new_tokens: int = 256,
+        max_gen_toks: int = 512,
+        enable_thinking: bool | None = None,
+        system_prompt: str | None = None,
+        prompts: str | None = None,
+        seed: int = 1234,
+        sidecar: str | None = None,
+        device_map: str | None = None,
+        parallelize: bool = False,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int | None = None,
+        **method_kwargs: Any,
+    ) -> None:
         super().__init__()
         # Validate everything a user can get wrong before loading any weights.
         unknown = sorted(set(method_kwargs) - set(self.method_args))
         if unknown:
             known = list(_COMMON_ARGS) + list(self.method_args)
-            hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, known, n=1)[0]!r}?)"
-                     if difflib.get_close_matches(u, known, n=1) else repr(u) for u in unknown]
-            raise ValueError(f"--model {self.method_name} does not take model arg(s) {', '.join(hints)}; "
-                             f"it takes: {', '.join(known)}")
+            hints = [
+                f"{u!r} (did you mean {difflib.get_close_matches(u, known, n=1)[0]!r}?)"
+                if difflib.get_close_matches(u, known, n=1)
+                else repr(u)
+                for u in unknown
+            ]
+            raise ValueError(
+                f"--model {self.method_name} does not take model arg(s) {', '.join(hints)}; "
+                f"it takes: {', '.join(known)}"
+            )
         self.batch_size = _parse_batch_size(batch_size)
         resolve_dtype(dtype)
         prompt_set = load_prompt_set(prompts)
@@ -109,15 +145,27 @@ class MultiAgentLM(LM):
         self._init_distributed(device)
         if self.method_name == "diffmas" and not method_kwargs.get("adapter"):
             # Checked here too so the error comes before the backbone is loaded.
-            raise ValueError("diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
-                             "method would silently be LatentMAS, so use --model latent-mas for that")
+            raise ValueError(
+                "diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
+                "method would silently be LatentMAS, so use --model latent-mas for that"
+            )
         if _as_bool(parallelize) and device_map is None:
             device_map = "auto"
-        self.backbone = load_backbone(pretrained, dtype=dtype, device=self._device, device_map=device_map,
-                                      revision=revision, trust_remote_code=_as_bool(trust_remote_code))
+        self.backbone = load_backbone(
+            pretrained,
+            dtype=dtype,
+            device=self._device,
+            device_map=device_map,
+            revision=revision,
+            trust_remote_code=_as_bool(trust_remote_code),
+        )
         self.method: Method = METHODS[self.method_name](
-            self.backbone, prompt_set, topology=topology, system_prompt=system_prompt,
-            enable_thinking=_as_bool(enable_thinking), max_new_tokens=max_new_tokens,
+            self.backbone,
+            prompt_set,
+            topology=topology,
+            system_prompt=system_prompt,
+            enable_thinking=_as_bool(enable_thinking),
+            max_new_tokens=max_new_tokens,
             **{k: (_as_bool(v) if k == "realign" else v) for k, v in method_kwargs.items()},
         )
         self.prompt_set = prompt_set
@@ -157,8 +205,10 @@ class MultiAgentLM(LM):
     # --- templating is ours: refuse lm-eval's ---
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        raise ValueError("the diffmas-eval backends template every agent's turn themselves; drop "
-                         "--apply_chat_template (and --system_instruction: use model arg system_prompt)")
+        raise ValueError(
+            "the diffmas-eval backends template every agent's turn themselves; drop "
+            "--apply_chat_template (and --system_instruction: use model arg system_prompt)"
+        )
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.chat_template(True)
@@ -198,11 +248,11 @@ class MultiAgentLM(LM):
             occurrences[key] += 1
             items.append((index, context, gen_kwargs, answer_format, seed, request))
         others = self._other_contexts([it[1] for it in items]) if self._needs_other_doc() else {}
-        collator = Collator(items, sort_fn=lambda it: (-len(it[1]), it[0]), group_fn=lambda it: it[2],
-                            group_by="gen_kwargs")
+        collator = Collator(
+            items, sort_fn=lambda it: (-len(it[1]), it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
+        )
         outputs: list[str] = []
-        bar = tqdm(total=len(items), desc=f"{self.method_name} generate_until",
-                   disable=disable_tqdm or self._rank != 0)
+        bar = tqdm(total=len(items), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
         for batch in collator.get_batched(n=self.batch_size):
             decoding = DecodingConfig.from_gen_kwargs(batch[0][2], self.max_gen_toks)
             questions = [self._question(it[1], it[3], it[4], others.get(it[1])) for it in batch]
@@ -211,13 +261,23 @@ class MultiAgentLM(LM):
                 start = self.method.prepare(questions, decoding)
                 trace_tokens = start.trace_tokens()
                 with self.method.acting_as(FINAL_ROLE):
-                    generations = generate(self.backbone, start.prompts, start.trace, decoding,
-                                           [q.seed for q in questions])
+                    generations = generate(
+                        self.backbone, start.prompts, start.trace, decoding, [q.seed for q in questions]
+                    )
             seconds = (time.perf_counter() - began) / len(batch)
             for row, (item, gen) in enumerate(zip(batch, generations, strict=True)):
-                self._record(item[5], "generate_until", start, row, trace_tokens[row], seconds, item[4],
-                             final_generated=len(gen.token_ids), stopped=gen.stopped_before_budget,
-                             budget=decoding.max_new_tokens)
+                self._record(
+                    item[5],
+                    "generate_until",
+                    start,
+                    row,
+                    trace_tokens[row],
+                    seconds,
+                    item[4],
+                    final_generated=len(gen.token_ids),
+                    stopped=gen.stopped_before_budget,
+                    budget=decoding.max_new_tokens,
+                )
                 outputs.append(gen.text)
             bar.update(len(batch))
         bar.close()
@@ -240,8 +300,9 @@ class MultiAgentLM(LM):
         others = self._other_contexts([k[0] for k in keys]) if self._needs_other_doc() else {}
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         decoding = DecodingConfig(max_new_tokens=self.max_gen_toks)
-        bar = tqdm(total=len(requests), desc=f"{self.method_name} loglikelihood",
-                   disable=disable_tqdm or self._rank != 0)
+        bar = tqdm(
+            total=len(requests), desc=f"{self.method_name} loglikelihood", disable=disable_tqdm or self._rank != 0
+        )
         for begin in range(0, len(keys), self.batch_size):
             batch = keys[begin : begin + self.batch_size]
             questions = [self._question(ctx, fmt, derive_seed(self.seed, ctx), others.get(ctx)) for ctx, fmt in batch]
@@ -256,8 +317,16 @@ class MultiAgentLM(LM):
             for row, key in enumerate(batch):
                 for index, score in zip(groups[key], scores[row], strict=True):
                     results[index] = score
-                self._record(requests[groups[key][0]], "loglikelihood", start, row, trace_tokens[row], seconds,
-                             questions[row].seed, continuations=len(groups[key]))
+                self._record(
+                    requests[groups[key][0]],
+                    "loglikelihood",
+                    start,
+                    row,
+                    trace_tokens[row],
+                    seconds,
+                    questions[row].seed,
+                    continuations=len(groups[key]),
+                )
                 bar.update(len(groups[key]))
         bar.close()
         return results
@@ -289,9 +358,21 @@ class MultiAgentLM(LM):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return cache_dir() / "sidecars" / f"{self.method_name}-{stamp}-{os.getpid()}-rank{self._rank}.jsonl"
 
-    def _record(self, request: Any, request_type: str, start: FinalAgentStart, row: int, trace_tokens: int,
-                seconds: float, seed: int, *, final_generated: int = 0, stopped: bool | None = None,
-                budget: int | None = None, continuations: int | None = None) -> None:
+    def _record(
+        self,
+        request: Any,
+        request_type: str,
+        start: FinalAgentStart,
+        row: int,
+        trace_tokens: int,
+        seconds: float,
+        seed: int,
+        *,
+        final_generated: int = 0,
+        stopped: bool | None = None,
+        budget: int | None = None,
+        continuations: int | None = None,
+    ) -> None:
         agents = start.agents[row]
         final = {"prompt_tokens": len(start.prompts[row]), "generated_tokens": final_generated}
         if stopped is not None:
@@ -299,24 +380,32 @@ class MultiAgentLM(LM):
         if continuations is not None:
             final["continuations"] = continuations
         line = {
-            "prompt_hash": prompt_hash(request.args[0]), "request_type": request_type,
-            "task": getattr(request, "task_name", None), "doc_id": getattr(request, "doc_id", None),
-            "method": self.method_name, "seed": seed, "agents": [a.as_dict() for a in agents], "final": final,
-            "trace_tokens": trace_tokens, "wall_seconds": round(seconds, 6),
+            "prompt_hash": prompt_hash(request.args[0]),
+            "request_type": request_type,
+            "task": getattr(request, "task_name", None),
+            "doc_id": getattr(request, "doc_id", None),
+            "method": self.method_name,
+            "seed": seed,
+            "agents": [a.as_dict() for a in agents],
+            "final": final,
+            "trace_tokens": trace_tokens,
+            "wall_seconds": round(seconds, 6),
         }
         with self.sidecar_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
         upstream_generated = sum(a.generated_tokens for a in agents)
-        self.totals.update({
-            "requests": 1,
-            "prompt_tokens": sum(a.prompt_tokens for a in agents) + final["prompt_tokens"],
-            "generated_tokens": upstream_generated + final_generated,
-            "final_generated_tokens": final_generated,
-            "latent_steps": sum(a.latent_steps for a in agents),
-            "trace_tokens": trace_tokens,
-            "final_stopped": int(bool(stopped)),
-            "final_budget_hit": int(stopped is False),
-        })
+        self.totals.update(
+            {
+                "requests": 1,
+                "prompt_tokens": sum(a.prompt_tokens for a in agents) + final["prompt_tokens"],
+                "generated_tokens": upstream_generated + final_generated,
+                "final_generated_tokens": final_generated,
+                "latent_steps": sum(a.latent_steps for a in agents),
+                "trace_tokens": trace_tokens,
+                "final_stopped": int(bool(stopped)),
+                "final_budget_hit": int(stopped is False),
+            }
+        )
         self.totals["wall_seconds"] += seconds
 
     def get_model_info(self) -> dict[str, Any]:
@@ -360,5 +449,6 @@ class DiffMASLM(MultiAgentLM):
     method_args = ("latent_steps", "realign", "communication", "adapter")
 
 
-BACKENDS: dict[str, type[MultiAgentLM]] = {cls.method_name: cls for cls in (SingleAgentLM, TextMASLM, LatentMASLM,
-                                                                           DiffMASLM)}
+BACKENDS: dict[str, type[MultiAgentLM]] = {
+    cls.method_name: cls for cls in (SingleAgentLM, TextMASLM, LatentMASLM, DiffMASLM)
+}

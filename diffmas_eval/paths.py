@@ -37,7 +37,9 @@ def data_dir() -> Path | None:
         return None
     path = Path(explicit).expanduser().resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"{DATA_DIR_ENV}={explicit!r} is not a directory; point it at a copy of the data layout.")
+        raise FileNotFoundError(
+            f"{DATA_DIR_ENV}={explicit!r} is not a directory; point it at a copy of the data layout."
+        )
     return path
 
 

@@ -32,5 +32,7 @@ def shared_data_dir() -> Path:
     """`../shared/data`, the offline benchmark copies (what CI points DIFFMAS_DATA_DIR at)."""
     path = Path(os.environ.get("DIFFMAS_DATA_DIR") or SHARED_DATA)
     if not path.is_dir():
-        pytest.fail(f"benchmark data directory {path} is missing: set DIFFMAS_DATA_DIR or put ../shared beside the repo")
+        pytest.fail(
+            f"benchmark data directory {path} is missing: set DIFFMAS_DATA_DIR or put ../shared beside the repo"
+        )
     return path

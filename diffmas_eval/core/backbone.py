@@ -52,8 +52,17 @@ def model_fingerprint(config: Any, input_embeddings: torch.Tensor) -> str:
     that an adapter is never applied to a different backbone.
     """
     cfg = config.to_dict()
-    for volatile in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
-                     "architectures", "use_cache", "_attn_implementation_autoset", "_attn_implementation"):
+    for volatile in (
+        "_name_or_path",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "quantization_config",
+        "architectures",
+        "use_cache",
+        "_attn_implementation_autoset",
+        "_attn_implementation",
+    ):
         cfg.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = input_embeddings.detach().float()
@@ -186,7 +195,11 @@ def load_backbone(
     torch_dtype = resolve_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+        load_kwargs: dict[str, Any] = {
+            "dtype": torch_dtype,
+            "revision": revision,
+            "trust_remote_code": trust_remote_code,
+        }
         if device_map is not None:
             load_kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
@@ -213,5 +226,12 @@ def load_backbone(
         raise ValueError(f"{name!r} defines no end-of-sequence token; cannot tell when an agent's turn ends")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     fingerprint = model_fingerprint(model.config, model.get_input_embeddings().weight)
-    return Backbone(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint, eos_token_ids=eos_ids,
-                    pad_token_id=int(pad_id), source=source)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        fingerprint=fingerprint,
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad_id),
+        source=source,
+    )

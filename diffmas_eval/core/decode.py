@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from diffmas_eval.core.backbone import Backbone
 
 
-
 @dataclass(frozen=True)
 class DecodingConfig:
     """How one agent decodes. Greedy unless `do_sample` (temperature 0 also means greedy)."""
@@ -47,10 +46,18 @@ class DecodingConfig:
         top_k = int(kwargs.pop("top_k", 0) or 0)
         unknown = set(kwargs)
         if unknown:
-            raise ValueError(f"unsupported generation kwargs {sorted(unknown)}; supported: until, max_gen_toks, "
-                             "do_sample, temperature, top_p, top_k")
-        return cls(max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                   stop=tuple(s for s in stop if s))
+            raise ValueError(
+                f"unsupported generation kwargs {sorted(unknown)}; supported: until, max_gen_toks, "
+                "do_sample, temperature, top_p, top_k"
+            )
+        return cls(
+            max_new_tokens=max_new,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=tuple(s for s in stop if s),
+        )
 
     def for_upstream(self, max_new_tokens: int) -> DecodingConfig:
         """Same sampling settings, the upstream agents' budget, and no task stop strings."""
@@ -72,8 +79,9 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _choose_tokens(logits: torch.Tensor, config: DecodingConfig, generators: list[torch.Generator] | None,
-                   active: list[bool]) -> torch.Tensor:
+def _choose_tokens(
+    logits: torch.Tensor, config: DecodingConfig, generators: list[torch.Generator] | None, active: list[bool]
+) -> torch.Tensor:
     """Next token per row from `logits [B, V]`: argmax, or a per-row seeded sample."""
     logits = logits.float()
     if not config.sampling:
@@ -150,10 +158,19 @@ def generate(
         feed = torch.tensor(chosen, dtype=torch.long, device=mask.device)[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        logits = backbone.model(input_ids=feed, attention_mask=mask, position_ids=position,
-                                past_key_values=trace.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = backbone.model(
+            input_ids=feed,
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=trace.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
     return [
-        Generation(token_ids=tokens[row], text=texts[row] if texts[row] is not None else backbone.decode(tokens[row]),
-                   stopped_before_budget=stopped[row])
+        Generation(
+            token_ids=tokens[row],
+            text=texts[row] if texts[row] is not None else backbone.decode(tokens[row]),
+            stopped_before_budget=stopped[row],
+        )
         for row in range(batch)
     ]

@@ -53,8 +53,9 @@ def score_continuations(
         full_mask = torch.cat([fork.mask, block_mask], dim=1)
         # Right padding of the continuations: positions count on from the row's last real position.
         positions = fork.mask.sum(dim=1, keepdim=True) + torch.arange(width, device=ids.device)[None, :]
-        logits = backbone.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                                past_key_values=fork.cache, use_cache=True).logits.float()
+        logits = backbone.model(
+            input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=fork.cache, use_cache=True
+        ).logits.float()
         logprobs = torch.cat([first_logprobs[rows][:, None, :], torch.log_softmax(logits[:, :-1], dim=-1)], dim=1)
         for i, (r, cont) in enumerate(zip(rows, conts, strict=True)):
             n = len(cont)
@@ -63,4 +64,3 @@ def score_continuations(
             greedy = bool((logprobs[i, :n].argmax(dim=-1) == target).all())
             results[r].append((float(token_logprobs.sum()), greedy))
     return results
-

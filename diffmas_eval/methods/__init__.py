@@ -8,5 +8,14 @@ from diffmas_eval.methods.text_mas import TextMAS
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SingleAgent, TextMAS, LatentMAS, DiffMAS)}
 
-__all__ = ["METHODS", "AgentCall", "DiffMAS", "FinalAgentStart", "LatentMAS", "Method", "Question", "SingleAgent",
-           "TextMAS"]
+__all__ = [
+    "METHODS",
+    "AgentCall",
+    "DiffMAS",
+    "FinalAgentStart",
+    "LatentMAS",
+    "Method",
+    "Question",
+    "SingleAgent",
+    "TextMAS",
+]

@@ -47,8 +47,12 @@ class AgentCall:
     text: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"role": self.role, "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
-               "latent_steps": self.latent_steps}
+        out = {
+            "role": self.role,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "latent_steps": self.latent_steps,
+        }
         if self.text is not None:
             out["text"] = self.text
         return out
@@ -79,9 +83,16 @@ class Method(ABC):
     name: ClassVar[str]
     family: ClassVar[str]  # which table of the prompt set: single_agent, text_mas, latent_mas
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet, *, topology: str = "sequential",
-                 system_prompt: str | None = None, enable_thinking: bool | None = None,
-                 max_new_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompts: PromptSet,
+        *,
+        topology: str = "sequential",
+        system_prompt: str | None = None,
+        enable_thinking: bool | None = None,
+        max_new_tokens: int = 256,
+    ) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {topology!r}; use one of {', '.join(TOPOLOGIES)}")
         self.backbone = backbone
@@ -121,5 +132,10 @@ class Method(ABC):
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes what this method computes (recorded in results)."""
-        return {"method": self.name, "topology": self.topology, "max_new_tokens": self.max_new_tokens,
-                "enable_thinking": self.enable_thinking, "system_prompt": self.system_prompt}
+        return {
+            "method": self.name,
+            "topology": self.topology,
+            "max_new_tokens": self.max_new_tokens,
+            "enable_thinking": self.enable_thinking,
+            "system_prompt": self.system_prompt,
+        }

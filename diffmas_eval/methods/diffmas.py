@@ -28,8 +28,10 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     """
     path = Path(adapter).expanduser()
     if not (path / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"adapter={adapter!r} is not a DiffMAS adapter directory (no {ADAPTER_CONFIG}); "
-                                "train one with `diffmas-train`")
+        raise FileNotFoundError(
+            f"adapter={adapter!r} is not a DiffMAS adapter directory (no {ADAPTER_CONFIG}); "
+            "train one with `diffmas-train`"
+        )
     return json.loads((path / ADAPTER_CONFIG).read_text())
 
 
@@ -69,11 +71,14 @@ class DiffMAS(LatentMAS):
 
     name = "diffmas"
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet, *, adapter: str | Path | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, backbone: Backbone, prompts: PromptSet, *, adapter: str | Path | None = None, **kwargs: Any
+    ) -> None:
         if not adapter:
-            raise ValueError("diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
-                             "method would silently be LatentMAS, so use --model latent-mas for that")
+            raise ValueError(
+                "diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
+                "method would silently be LatentMAS, so use --model latent-mas for that"
+            )
         super().__init__(backbone, prompts, **kwargs)
         self.adapter = str(adapter)
         self.adapter_config = attach_adapter(backbone, adapter)

@@ -28,8 +28,16 @@ class LatentMAS(Method):
     name = "latent-mas"
     family = "latent_mas"
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet, *, latent_steps: int = 10, realign: bool = False,
-                 communication: str = "trace", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompts: PromptSet,
+        *,
+        latent_steps: int = 10,
+        realign: bool = False,
+        communication: str = "trace",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(backbone, prompts, **kwargs)
         if int(latent_steps) != latent_steps or latent_steps < 0:
             raise ValueError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
@@ -74,5 +82,10 @@ class LatentMAS(Method):
         return FinalAgentStart(prompts=[self.final_prompt(q) for q in questions], trace=trace, agents=agents)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "max_new_tokens": None, "latent_steps": self.latent_steps,
-                "realign": self.realign, "communication": self.communication}
+        return {
+            **super().settings(),
+            "max_new_tokens": None,
+            "latent_steps": self.latent_steps,
+            "realign": self.realign,
+            "communication": self.communication,
+        }

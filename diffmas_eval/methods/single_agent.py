@@ -13,8 +13,9 @@ class SingleAgent(Method):
     family = "single_agent"
 
     def prepare(self, questions: list[Question], decoding: DecodingConfig) -> FinalAgentStart:
-        return FinalAgentStart(prompts=[self.final_prompt(q) for q in questions], trace=None,
-                               agents=[[] for _ in questions])
+        return FinalAgentStart(
+            prompts=[self.final_prompt(q) for q in questions], trace=None, agents=[[] for _ in questions]
+        )
 
     @property
     def upstream_roles(self) -> list[str]:

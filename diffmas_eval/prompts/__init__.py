@@ -48,8 +48,15 @@ class PromptSet:
             message = f"unknown answer_format {answer_format!r}; prompt set {self.name!r} knows: {known}"
             raise ValueError(message) from None
 
-    def render(self, family: str, topology: str, role: str, question: str, transcript: str = "",
-               answer_format: str | None = None) -> str:
+    def render(
+        self,
+        family: str,
+        topology: str,
+        role: str,
+        question: str,
+        transcript: str = "",
+        answer_format: str | None = None,
+    ) -> str:
         """The user message of one agent. Only the final agent (`answer_format` given) gets the format instruction."""
         text = self.template(family, topology, role).replace("{transcript}", transcript.rstrip("\n"))
         text = text.replace("{question}", question)
@@ -80,8 +87,9 @@ def load_prompt_set(name_or_path: str | None = None) -> PromptSet:
     missing = _missing_keys(reference, data)
     if missing:
         raise ValueError(f"prompt file {path} lacks keys the shipped set has: {', '.join(missing)}")
-    return PromptSet(name=str(data.get("name") or path.stem), sha256=hashlib.sha256(raw).hexdigest(), data=data,
-                     path=str(path))
+    return PromptSet(
+        name=str(data.get("name") or path.stem), sha256=hashlib.sha256(raw).hexdigest(), data=data, path=str(path)
+    )
 
 
 def _missing_keys(reference: dict, data: Any, prefix: str = "") -> list[str]:
