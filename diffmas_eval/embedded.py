@@ -67,6 +67,7 @@ class EmbeddedModel:
         num_parameters: parameters of the converted model (tied matrices counted once).
         tied_embeddings: whether the converted model's lm_head is the token embedding.
         end_of_turn_token: the chat template's end-of-turn token; it becomes the tokenizer's eos and a generation eos.
+        extra_eos_tokens: further tokens that end generation (as in the upstream generation_config).
     """
 
     name: str
@@ -79,6 +80,7 @@ class EmbeddedModel:
     num_parameters: int
     tied_embeddings: bool
     end_of_turn_token: str = "<|im_end|>"
+    extra_eos_tokens: tuple[str, ...] = ()
 
     @property
     def pip_command(self) -> str:
@@ -129,6 +131,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             size_bytes=491_400_064,
             num_parameters=630_167_424,
             tied_embeddings=False,
+            extra_eos_tokens=("<|endoftext|>",),
         ),
         EmbeddedModel(
             name="qwen2.5-coder-1.5b-instruct",
@@ -141,6 +144,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             size_bytes=1_117_320_768,
             num_parameters=1_543_714_304,
             tied_embeddings=True,
+            extra_eos_tokens=("<|endoftext|>",),
         ),
     )
 }
@@ -333,8 +337,9 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path, model: EmbeddedModel) ->
     hf_model.hf_quantizer = None
     hf_model.config.name_or_path = model.name
 
-    eos_ids = [end_of_turn_id] + [i for i in (gguf_eos_id, hf_model.generation_config.eos_token_id) if i is not None]
-    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int)))
+    extra_ids = tokenizer.convert_tokens_to_ids(list(model.extra_eos_tokens))
+    eos_ids = [end_of_turn_id, gguf_eos_id, hf_model.generation_config.eos_token_id, *extra_ids]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and i != tokenizer.unk_token_id))
     hf_model.config.eos_token_id = end_of_turn_id
     hf_model.config.pad_token_id = tokenizer.pad_token_id
     hf_model.generation_config.eos_token_id = eos_ids
@@ -371,7 +376,11 @@ def _remove_stale_work_dirs(models_root: Path, model: EmbeddedModel) -> None:
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive inter-process lock (fcntl.flock) on `path`, held for the duration of the block."""
     with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process holding %s (converting the same model)", path)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

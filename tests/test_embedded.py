@@ -297,7 +297,9 @@ def _check_real_conversion(name: str, prompt: str, expected_substring: str, cach
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
     eos = model.generation_config.eos_token_id
-    assert end_of_turn in (eos if isinstance(eos, list) else [eos])
+    eos = eos if isinstance(eos, list) else [eos]
+    assert end_of_turn in eos and end_of_turn == model.config.eos_token_id
+    assert set(tokenizer.convert_tokens_to_ids(list(spec.extra_eos_tokens))) <= set(eos)
 
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
