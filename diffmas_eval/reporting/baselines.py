@@ -62,7 +62,7 @@ def matching_baselines(
     """Paper rows for the same method, backbone, task and metric.
 
     Topology must agree, except that the paper's `unspecified` matches any of ours (flagged in the output by the
-    note) and the single agent has no topology (its sequential and hierarchical copies are the same number, kept once).
+    note) and the single agent has no topology (all its copies are returned; callers show equal values once).
     """
     if baselines.empty:
         return baselines
@@ -74,5 +74,5 @@ def matching_baselines(
         & (baselines["backbone"] != UNSPECIFIED)
     ]
     if method == "single-agent":
-        return rows.drop_duplicates(subset=["value", "source"])
+        return rows
     return rows[(rows["topology"] == UNSPECIFIED) | (rows["topology"] == (topology or UNSPECIFIED))]

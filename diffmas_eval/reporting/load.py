@@ -203,6 +203,8 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
     limit = _number(config.get("limit"))
     diffmas = config.get("diffmas") if isinstance(config.get("diffmas"), dict) else {}
     totals = diffmas.get("totals") if isinstance(diffmas.get("totals"), dict) else None
+    if totals is not None and not (_number(totals.get("requests")) or 0) > 0:
+        totals = None  # nothing was counted (e.g. an older backend): no cost rather than zeros
     run = Run(path=path, date=date, source=source, identity=identity, seed=seed, limit=limit, totals=totals)
 
     groups = {name for name, children in (data.get("group_subtasks") or {}).items() if children}

@@ -425,8 +425,8 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                 continue
             metric = result.headline
             for ref_method in ("single-agent", "latent-mas"):
-                if row.method == ref_method and row.kind == "method":
-                    continue
+                if row.kind == "method" and row.method in ("single-agent", ref_method):
+                    continue  # the references themselves: their comparisons appear from the other side
                 for ref in reference_rows(rows, row, ref_method):
                     ref_result = ref.entries.get(task, (None, None))[1]
                     if ref_result is None or ref_result.samples is None:
@@ -471,8 +471,10 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
             matches = matching_baselines(baselines, method=row.method, backbone=row.backbone,
                                          topology=row.topology or None, task=task, metric=metric)
             head = result.metrics[metric]
-            for idx, rec in matches.iterrows():
-                used.add(idx)
+            used.update(matches.index)
+            if row.method == "single-agent":  # one number printed in several tables: show it once
+                matches = matches.drop_duplicates(subset=["value", "source"]).assign(topology="any (single agent)")
+            for _, rec in matches.iterrows():
                 records.append({**row.labels(), "task": task, "metric": metric,
                                 "ours": format_score(head.value, head.stderr, result.n, _limited(run, result)),
                                 "paper": _paper_value(rec), "paper topology": rec["topology"],
@@ -497,7 +499,7 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
     rest = rest.assign(
         shown=[_paper_value(r, percent=r["metric"] != "generated_tokens_per_problem") for _, r in rest.iterrows()],
         order=rest["task"].map(task_sort_key),
-    ).sort_values("order")
+    ).sort_values("order", kind="stable")
     only = rest.pivot_table(index=["table", "metric", "backbone", "topology", "method"], columns="task",
                             values="shown", aggfunc=lambda s: " / ".join(s), sort=False).fillna(NA)
     only = only[[t for t in sorted(only.columns, key=task_sort_key)]].reset_index()

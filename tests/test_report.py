@@ -1,0 +1,311 @@
+"""Reporting on hand-made lm-eval 0.4.13 result fixtures (tests/fixtures/results, see make_fixtures.py there)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmas_eval.reporting import build_report, write_report
+from diffmas_eval.reporting.baselines import baselines_dir, load_baselines
+from diffmas_eval.reporting.stats import mcnemar_exact, paired_compare
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
+GOOD = FIXTURES / "good"
+BAD = FIXTURES / "malformed"
+METHODS_DOC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "methods.md"
+
+
+@pytest.fixture(scope="module")
+def report():
+    return build_report([GOOD], baselines=baselines_dir())
+
+
+def _row(frame: pd.DataFrame, **where) -> pd.DataFrame:
+    flat = frame.copy()
+    if isinstance(flat.columns, pd.MultiIndex):
+        flat.columns = [c[-1] for c in flat.columns]
+    mask = np.ones(len(flat), dtype=bool)
+    for key, value in where.items():
+        column = flat[key]
+        hit = column.str.contains(value, regex=False) if key == "settings" else column == value
+        mask &= hit.to_numpy()
+    return flat[mask]
+
+
+# ----------------------------------------------------------------------------------------------------- statistics
+
+
+def test_mcnemar_matches_the_binomial_formula_by_hand():
+    # 4 documents only A gets right, 1 only B: two-sided exact p = 2 * sum_{k<=1} C(5, k) / 2^5.
+    by_hand = 2 * (math.comb(5, 0) + math.comb(5, 1)) / 2**5
+    assert by_hand == 0.375
+    assert mcnemar_exact(4, 1) == pytest.approx(by_hand)
+    assert mcnemar_exact(1, 4) == pytest.approx(by_hand)
+    # 7 vs 2: 2 * (1 + 9 + 36) / 512
+    assert mcnemar_exact(7, 2) == pytest.approx(2 * (1 + 9 + 36) / 512)
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_compare_binary_counts_interval_and_seed():
+    a = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 0])
+    b = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
+    cmp = paired_compare(a, b)
+    assert (cmp.a_only, cmp.b_only, cmp.n) == (4, 1, 10)
+    assert cmp.difference == pytest.approx(0.3)
+    assert cmp.p_value == pytest.approx(0.375)
+    assert cmp.test == "McNemar exact"
+    assert cmp.ci_low < 0.3 < cmp.ci_high and -1 <= cmp.ci_low and cmp.ci_high <= 1
+    assert paired_compare(a, b) == cmp  # fixed seed: reproducible
+    same = paired_compare(a, a)
+    assert (same.difference, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_compare_non_binary_uses_permutation_and_rejects_bad_shapes():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(size=40)
+    cmp = paired_compare(a, a - 0.2)
+    assert cmp.test == "paired permutation" and cmp.a_only is None
+    assert cmp.difference == pytest.approx(0.2) and cmp.p_value < 0.01
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_compare(np.ones(3), np.ones(4))
+
+
+# ----------------------------------------------------------------------------------------------------- leaderboard
+
+
+def test_leaderboard_cells_rows_and_domains(report):
+    board = report.tables["leaderboard"]
+    domains = list(dict.fromkeys(c[0] for c in board.columns if c[0]))
+    assert domains == ["math", "science QA", "code", "other", "overall"]  # no commonsense run: no empty column
+    latent = _row(board, method="latent-mas", kind="method", settings="seed=0")
+    assert len(latent) == 1
+    # 7/10 right: stderr = sqrt(0.7 * 0.3 * 10/9 / 10) = 0.153 -> newest run wins over the older 0/10 rerun.
+    assert latent["mas_gsm8k"].item() == "70.0 ± 15.3 (n=10)"
+    assert latent["mas_humaneval_plus"].item() == "66.7 ± 21.1 (n=6)"  # pass_plus headline
+    assert latent["mas_humaneval_plus (base)"].item() == "83.3 ± 16.7 (n=6)"
+    assert latent["overall avg"].item().startswith(f"{100 * (0.7 + 0.9 + 4 / 6) / 3:.1f} ±")
+    assert "3/4 tasks" in latent["overall avg"].item()
+    # The diffmas run sits in a directory called "single-agent": identity comes from config, not the path.
+    diffmas = _row(board, method="diffmas")
+    assert diffmas["kind"].item() == "method" and "adapter=diffmas-lora-qwen3-8b" in diffmas["settings"].item()
+    assert diffmas["mas_arc_easy"].item() == "100.0 ± 0.0 (n=10)"
+    control = _row(board, kind="control")
+    assert control["method"].item() == "latent-mas" and "communication=none" in control["settings"].item()
+    hf = _row(board, kind="lm-eval model")
+    assert hf["method"].item() == "hf" and hf["backbone"].item() == "Qwen3-8B"
+    assert hf["mas_arc_easy_mc"].item().endswith("†")  # --limit 10 of 20
+    assert hf["toy_custom"].item().startswith("60.0")  # unknown task kept, in "other", via exact_match
+    assert ("other", "toy_custom") in board.columns and ("science QA", "mas_arc_easy_mc") in board.columns
+    assert hf["science QA avg"].item() == "–"  # _mc variants are not averaged
+
+
+def test_newest_wins_unless_all_runs(report):
+    assert any("superseded" in w and "results_2025-12-01" in w for w in report.warnings)
+    everything = build_report([GOOD], all_runs=True, baselines=None)
+    latent = _row(everything.tables["leaderboard"], method="latent-mas", kind="method", settings="seed=0")
+    assert sorted(latent["mas_gsm8k"]) == ["0.0 ± 0.0 (n=10)", "70.0 ± 15.3 (n=10)"]
+    assert all("run 20" in s for s in latent["settings"])
+
+
+# ------------------------------------------------------------------------------------------ cost and stability
+
+
+def test_cost_table_side_car_totals_and_ratios(report):
+    cost = report.tables["cost"]
+    latent = _row(cost, method="latent-mas", task="mas_gsm8k")
+    # single agent: 8 docs x 200 + 2 budget hits x 512 = 2624 / 10 = 262.4 tokens; latent-mas 100, 1.5 s vs 2 s.
+    assert latent["generated tokens / problem"].item() == "100.0"
+    assert latent["tokens vs single agent"].item() == f"{100 / 262.4:.2f}x"
+    assert latent["seconds vs single agent"].item() == "0.75x"
+    assert latent["latent steps / problem"].item() == "30.0" and latent["trace tokens / problem"].item() == "180.0"
+    assert _row(cost, method="single-agent", task="mas_gsm8k")["generated tokens / problem"].item() == "262.4"
+    diffmas = _row(cost, method="diffmas")
+    assert diffmas["task"].item() == "mas_gsm8k+mas_arc_easy" and diffmas["source"].item() == "config totals"
+    assert diffmas["generated tokens / problem"].item() == "80.0"  # 1600 tokens / 20 problems
+    assert diffmas["seconds / problem"].item() == "2.00"
+    # Runs whose totals counted nothing get no cost row rather than zeros.
+    assert _row(cost, kind="control").empty
+
+
+def test_stability_and_seed_spread(report):
+    stab = report.tables["stability"]
+    single = _row(stab, method="single-agent", task="mas_gsm8k")
+    assert single["stopped before budget"].item() == "80.0" and single["extractable answer"].item() == "80.0"
+    diffmas = _row(stab, method="diffmas", task="mas_gsm8k")
+    assert diffmas["stopped before budget"].item() == "90.0"  # 18 stopped, 2 budget hits
+    assert diffmas["stopping source"].item() == "config totals (whole file)"
+    spread = report.tables["seed_spread"]
+    assert len(spread) == 1
+    assert spread.iloc[0]["seeds"] == "0, 1" and spread.iloc[0]["mean"] == "75.0"
+    assert spread.iloc[0]["std across seeds"] == f"{100 * np.std([0.7, 0.8], ddof=1):.1f}"
+
+
+def test_paired_comparisons_on_shared_documents(report):
+    paired = report.tables["paired"]
+    latent = _row(paired, method="latent-mas", kind="method", settings="seed=0", task="mas_gsm8k")
+    assert latent["vs_method"].item() == "single-agent"
+    assert latent["discordant (ours only / ref only)"].item() == "4 / 1"
+    assert float(latent["p-value"].item()) == pytest.approx(0.375)
+    assert latent["difference (pp)"].item() == "+30.0"
+    control = _row(paired, kind="control", vs_method="latent-mas")
+    assert control["discordant (ours only / ref only)"].item() == "1 / 5"
+    assert _row(paired, method="single-agent", kind="method").empty  # a reference is not compared with itself
+    assert set(_row(paired, method="diffmas")["vs_method"]) == {"single-agent", "latent-mas"}
+
+
+# ----------------------------------------------------------------------------------------------- paper numbers
+
+
+def test_paper_numbers_beside_ours_and_apart(report):
+    side = report.tables["paper"]
+    gsm = _row(side, method="latent-mas", task="mas_gsm8k", settings="seed=0")
+    assert gsm["paper"].item() == "93.8" and gsm["paper topology"].item() == "sequential"
+    code = _row(side, method="single-agent", task="mas_humaneval_plus")
+    assert code["paper"].item() == "74.4" and code["metric"].item() == "pass_plus"
+    only = report.tables["paper_only"]
+    diffmas = only[(only["method"] == "diffmas") & (only["metric"] == "acc")]
+    assert diffmas["mas_aime24"].item() == "≈76.7" and diffmas["mas_aime25"].item() == "≈56.7 / ≈66.7"
+    # matched numbers are not repeated in the paper-only section; unmatched backbones are
+    seq8 = only[(only["backbone"] == "Qwen3-8B") & (only["method"] == "latent-mas") & (only["metric"] == "acc")
+                & only["table"].str.startswith("Sequential")]
+    assert seq8["mas_gsm8k"].item() == "–" and seq8["mas_medqa"].item() == "75.3"
+    assert not only[only["backbone"] == "Qwen3-14B"].empty
+
+
+def test_baselines_files_are_complete_and_marked():
+    frame = load_baselines(baselines_dir())
+    assert len(frame) == 54 + 54 + 36 + 6 + 9
+    diffmas_acc = frame[(frame["method"] == "diffmas") & frame["metric"].isin(["acc", "pass_plus"])]
+    assert diffmas_acc["approximate"].all() and diffmas_acc["note"].str.contains("inferred|inference").all()
+    assert not frame[frame["method"] != "diffmas"]["approximate"].any()
+
+
+@pytest.mark.skipif(not METHODS_DOC.is_file(), reason="needs ../shared/docs/methods.md beside the repository")
+def test_baselines_transcribe_methods_doc_section_8():
+    doc = METHODS_DOC.read_text(encoding="utf-8")
+    section = doc[doc.index("## 8."):doc.index("## 9.")]
+    frame = load_baselines(baselines_dir())
+    expected = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in {"ARC-E", "ARC-C", "GSM8K", "MedQA", "MBPP+", "HumanEval+"}:
+            expected.extend(cells[1:])
+        elif line.startswith("|") and cells[0] in {"sequential", "hierarchical"}:
+            expected.extend(cells[2:])
+    in_doc_order = ("latentmas_sequential.csv", "latentmas_hierarchical.csv", "latentmas_reasoning.csv")
+    transcribed = [f"{v:.1f}" for name in in_doc_order for v in frame.loc[frame["file"] == name, "value"]]
+    assert transcribed == expected
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_malformed_and_partial_files_are_named_and_skipped():
+    bad = build_report([BAD], baselines=None)
+    text = "\n".join(bad.warnings)
+    for name in ("truncated", "noconfig", "empty"):
+        assert f"malformed/{name}/results_" in text and "file skipped" in text
+    assert "not a readable JSON" in text and "cannot be identified" in text
+    assert "`acc,none` = 'N/A' is not a number; task skipped" in text
+    assert "stderr of `acc` unknown" in text
+    assert "partial-samples/samples_mas_gsm8k" in text and "not a complete sample" in text
+    assert "stray-samples/samples_mas_gsm8k" in text and "task_hashes" in text
+    board = bad.tables["leaderboard"]
+    na = _row(board, method="text-mas", topology="sequential")
+    assert na["mas_gsm8k"].item() == "40.0 ± n/a (n=10)"  # value kept, unknown stderr never invented
+    assert "mas_arc_easy" not in [c[-1] for c in board.columns]
+    # partial / stray samples: the task stays (results are fine) but no paired comparison uses the bad samples
+    assert not _row(board, method="text-mas", topology="hierarchical").empty
+    assert bad.tables["paired"].empty
+
+
+def test_stderr_recomputed_from_samples_when_na(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(GOOD / "results-a", tmp_path / "a")
+    path = next((tmp_path / "a").glob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"]["mas_gsm8k"]["acc_stderr,none"] = "N/A"
+    path.write_text(json.dumps(data))
+    rep = build_report([tmp_path], baselines=None)
+    cell = _row(rep.tables["leaderboard"], method="single-agent")["mas_gsm8k"].item()
+    assert cell == "40.0 ± 16.3 (n=10)"
+    assert any("computed from samples" in w for w in rep.warnings)
+
+
+# ----------------------------------------------------------------------------------------------- outputs and CLI
+
+
+class _TagBalance(HTMLParser):
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.tables = 0
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables += 1
+        if tag == "img":
+            self.images += int(dict(attrs).get("src", "").startswith("data:image/png;base64,"))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> after {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def test_cli_writes_every_format(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "diffmas_eval.reporting", str(GOOD), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "superseded" in proc.stderr
+    for name in ("report.md", "report.tex", "report.html", "leaderboard.csv", "cost.csv", "stability.csv",
+                 "paired.csv", "paper.csv", "paper_only.csv", "seed_spread.csv", "scores.csv",
+                 "domain_bars.png", "domain_bars.svg", "accuracy_vs_tokens.png", "accuracy_vs_tokens.svg"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "| 70.0 ± 15.3 (n=10)" in md and "## Paired comparisons" in md
+    tex = (out / "report.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex and r"\end{document}" in tex
+    parser = _TagBalance()
+    parser.feed((out / "report.html").read_text())
+    assert parser.stack == [] and parser.tables >= 6 and parser.images == 2
+    assert pd.read_csv(out / "leaderboard.csv")["method"].tolist()[:2] == ["single-agent", "latent-mas"]
+    ET.parse(out / "domain_bars.svg")  # well-formed SVG
+
+
+def test_plots_are_real_images(tmp_path):
+    import matplotlib.image as mpimg
+
+    rep = build_report([GOOD], baselines=None)
+    write_report(rep, tmp_path)
+    for name in ("domain_bars.png", "accuracy_vs_tokens.png"):
+        pixels = mpimg.imread(tmp_path / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        rgb = pixels[..., :3]
+        assert (rgb < 0.9).any() and rgb.std() > 0.05  # drawn content, not a blank canvas
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffmas_eval.reporting", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+    from diffmas_eval.reporting.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-baselines"]) == 2
+    assert not (tmp_path / "o").exists()
