@@ -15,10 +15,13 @@ def _wrap_get_model(module) -> None:
     original = module.get_model
 
     def get_model(model_name):
-        from diffmas_eval.registry import register_models
+        from diffmas_eval.registry import register_models, suggest_model
 
         register_models()
-        return original(model_name)
+        try:
+            return original(model_name)
+        except ValueError as err:
+            raise ValueError(f"{err}{suggest_model(model_name)}") from None
 
     get_model.__doc__ = original.__doc__
     get_model.__wrapped__ = original

@@ -27,7 +27,8 @@ from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
 from diffmas_eval.core.score import score_continuations
 from diffmas_eval.methods import METHODS, FinalAgentStart, Method, Question
 from diffmas_eval.paths import cache_dir
-from diffmas_eval.prompts import FINAL_ROLE, load_prompt_set
+from diffmas_eval.methods.latent_mas import LatentMAS
+from diffmas_eval.prompts import FINAL_ROLE, TOPOLOGIES, load_prompt_set
 
 _COMMON_ARGS = (
     "pretrained",
@@ -138,6 +139,10 @@ class MultiAgentLM(LM):
             )
         self.batch_size = _parse_batch_size(batch_size)
         resolve_dtype(dtype)
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; use one of {', '.join(TOPOLOGIES)}")
+        if "latent_steps" in method_kwargs or "communication" in method_kwargs:
+            LatentMAS.check_settings(method_kwargs.get("latent_steps", 0), method_kwargs.get("communication", "trace"))
         prompt_set = load_prompt_set(prompts)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = max_length
@@ -215,9 +220,6 @@ class MultiAgentLM(LM):
 
     # --- requests ---
 
-    def _question(self, context: str, answer_format: str | None, seed: int, trace_text: str | None) -> Question:
-        return Question(text=context, answer_format=answer_format, seed=seed, trace_text=trace_text)
-
     @staticmethod
     def _answer_format(request: Any, gen_kwargs: dict[str, Any] | None = None) -> str | None:
         if gen_kwargs and "answer_format" in gen_kwargs:
@@ -255,7 +257,7 @@ class MultiAgentLM(LM):
         bar = tqdm(total=len(items), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
         for batch in collator.get_batched(n=self.batch_size):
             decoding = DecodingConfig.from_gen_kwargs(batch[0][2], self.max_gen_toks)
-            questions = [self._question(it[1], it[3], it[4], others.get(it[1])) for it in batch]
+            questions = [Question(it[1], it[3], it[4], others.get(it[1])) for it in batch]
             began = time.perf_counter()
             with torch.inference_mode():
                 start = self.method.prepare(questions, decoding)
@@ -305,7 +307,7 @@ class MultiAgentLM(LM):
         )
         for begin in range(0, len(keys), self.batch_size):
             batch = keys[begin : begin + self.batch_size]
-            questions = [self._question(ctx, fmt, derive_seed(self.seed, ctx), others.get(ctx)) for ctx, fmt in batch]
+            questions = [Question(ctx, fmt, derive_seed(self.seed, ctx), others.get(ctx)) for ctx, fmt in batch]
             continuations = [[self.backbone.encode(requests[i].args[1].lstrip()) for i in groups[k]] for k in batch]
             began = time.perf_counter()
             with torch.inference_mode():

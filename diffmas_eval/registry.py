@@ -22,3 +22,13 @@ def register_models() -> None:
     for name, target in MODEL_TARGETS.items():
         if name not in model_registry:
             model_registry.register(name, target=target)
+
+
+def suggest_model(name: str) -> str:
+    """ " Did you mean 'x'?" for a mistyped model name, or an empty string."""
+    import difflib
+
+    from lm_eval.api.registry import model_registry
+
+    close = difflib.get_close_matches(name, list(model_registry.keys()), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""

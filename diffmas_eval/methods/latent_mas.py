@@ -39,15 +39,20 @@ class LatentMAS(Method):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, prompts, **kwargs)
-        if int(latent_steps) != latent_steps or latent_steps < 0:
-            raise ValueError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
-        if communication not in COMMUNICATION_MODES:
-            raise ValueError(f"unknown communication {communication!r}; use one of {', '.join(COMMUNICATION_MODES)}")
+        self.check_settings(latent_steps, communication)
         self.latent_steps = int(latent_steps)
         self.realign = bool(realign)
         self.communication = communication
         self._aligner: LatentAligner | None = None
         self.recorded_latents: list[list[torch.Tensor]] | None = None  # set to [] to record fed embeddings per agent
+
+    @staticmethod
+    def check_settings(latent_steps: object, communication: object) -> None:
+        """Raise a clear ValueError for a bad `latent_steps` or `communication` (before any model work)."""
+        if not isinstance(latent_steps, int) or isinstance(latent_steps, bool) or latent_steps < 0:
+            raise ValueError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
+        if communication not in COMMUNICATION_MODES:
+            raise ValueError(f"unknown communication {communication!r}; use one of {', '.join(COMMUNICATION_MODES)}")
 
     @property
     def aligner(self) -> LatentAligner:

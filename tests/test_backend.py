@@ -1,0 +1,251 @@
+"""The lm-eval backends: batching invariance, sampling seeds, scoring shared traces, accounting and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from diffmas_eval.lm_backend import BACKENDS, DiffMASLM, LatentMASLM, SingleAgentLM, prompt_hash
+from diffmas_eval.methods import Question
+from diffmas_eval.testing import write_random_adapter
+
+QUESTIONS = [
+    "What is 2+2?",
+    "Tom has 3 apples and buys 5 more apples each day for 4 days. How many apples does he have now?",
+    "Which is a force? A. mass B. gravity",
+    "A train travels 60 miles per hour for 3 hours, then 40 miles per hour for 2 hours. How far did it go?",
+    "Is water a cell?",
+]
+METHOD_CONFIGS = [
+    ("single-agent", {}),
+    ("text-mas", {"max_new_tokens": 6}),
+    ("text-mas", {"max_new_tokens": 6, "topology": "hierarchical"}),
+    ("latent-mas", {"latent_steps": 0}),
+    ("latent-mas", {"latent_steps": 3}),
+    ("latent-mas", {"latent_steps": 2, "topology": "hierarchical", "realign": True}),
+    ("diffmas", {"latent_steps": 2}),
+    ("diffmas", {"latent_steps": 2, "per_role": True}),
+]
+
+
+def _generate_requests(gen_kwargs, questions=QUESTIONS, answer_format="boxed_number"):
+    return [
+        Instance("generate_until", {"answer_format": answer_format}, (q, dict(gen_kwargs)), 0, ("toy", i, 1))
+        for i, q in enumerate(questions)
+    ]
+
+
+def _mc_requests(questions, choices=("A", "B", "C", "D")):
+    return [
+        Instance("loglikelihood", {"answer_format": "letter"}, (q, c), k, ("toy_mc", i, 1))
+        for i, q in enumerate(questions)
+        for k, c in enumerate(choices)
+    ]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        False: write_random_adapter(tiny_model_dir, root / "shared"),
+        True: write_random_adapter(tiny_model_dir, root / "per_role", per_role=True),
+    }
+
+
+def _make(name, kwargs, tiny_model_dir, adapters, tmp_path, **extra):
+    kwargs = dict(kwargs)
+    if name == "diffmas":
+        kwargs["adapter"] = str(adapters[kwargs.pop("per_role", False)])
+    return BACKENDS[name](
+        pretrained=str(tiny_model_dir),
+        dtype="float32",
+        device="cpu",
+        sidecar=str(tmp_path / "sidecar.jsonl"),
+        **kwargs,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(("name", "kwargs"), METHOD_CONFIGS)
+def test_greedy_outputs_identical_at_batch_size_1_and_n(name, kwargs, tiny_model_dir, adapters, tmp_path):
+    lm = _make(name, kwargs, tiny_model_dir, adapters, tmp_path)
+    requests = _generate_requests({"until": [], "max_gen_toks": 10, "do_sample": False})
+    lm.batch_size = 1
+    one = lm.generate_until(requests, disable_tqdm=True)
+    lm.batch_size = 4
+    many = lm.generate_until(requests, disable_tqdm=True)
+    assert one == many
+    assert len(set(one)) > 1  # different prompts give different outputs: the comparison is not vacuous
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [METHOD_CONFIGS[0], METHOD_CONFIGS[1], METHOD_CONFIGS[4]])
+def test_sampled_outputs_depend_on_seed_not_on_batch(name, kwargs, tiny_model_dir, adapters, tmp_path):
+    lm = _make(name, kwargs, tiny_model_dir, adapters, tmp_path)
+    sampling = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 1.0, "top_p": 0.95}
+    lm.batch_size = 1
+    one = lm.generate_until(_generate_requests(sampling), disable_tqdm=True)
+    lm.batch_size = 3
+    many = lm.generate_until(_generate_requests(sampling), disable_tqdm=True)
+    greedy = lm.generate_until(_generate_requests({"until": [], "max_gen_toks": 10}), disable_tqdm=True)
+    assert one == many
+    assert one != greedy
+    lm.seed += 1
+    assert lm.generate_until(_generate_requests(sampling), disable_tqdm=True) != one
+
+
+def test_repeated_sampled_requests_get_different_seeds(tiny_model_dir, adapters, tmp_path):
+    lm = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    sampling = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.5}
+    request = _generate_requests(sampling, QUESTIONS[:1])[0]
+    outputs = lm.generate_until([request] * 4, disable_tqdm=True)
+    assert len(set(outputs)) > 1
+    seeds = [json.loads(line)["seed"] for line in (tmp_path / "sidecar.jsonl").read_text().splitlines()]
+    assert len(set(seeds)) == 4
+
+
+def test_single_agent_matches_lm_eval_hf_backend(tiny_model_dir, adapters, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    ours = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    hf = HFLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=1)
+    tokenizer = ours.backbone.tokenizer
+    gen_kwargs = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    ours_out = ours.generate_until(_generate_requests(gen_kwargs, QUESTIONS[:3], answer_format=None), disable_tqdm=True)
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": ours.method.system_prompt}, {"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in QUESTIONS[:3]
+    ]
+    hf_out = hf.generate_until(
+        [Instance("generate_until", {}, (text, dict(gen_kwargs)), 0, ("toy", i, 1)) for i, text in enumerate(rendered)],
+        disable_tqdm=True,
+    )
+    assert ours_out == hf_out
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [METHOD_CONFIGS[1], METHOD_CONFIGS[4], METHOD_CONFIGS[7]])
+def test_loglikelihood_scores_all_continuations_against_one_trace(name, kwargs, tiny_model_dir, adapters, tmp_path):
+    lm = _make(name, kwargs, tiny_model_dir, adapters, tmp_path, batch_size=3)
+    requests = _mc_requests(QUESTIONS[:3])
+    together = lm.loglikelihood(requests, disable_tqdm=True)
+    lines = (tmp_path / "sidecar.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # upstream work once per context, not once per continuation
+    lm.batch_size = 1
+    alone = [lm.loglikelihood([r], disable_tqdm=True)[0] for r in requests]
+    for (a, greedy_a), (b, greedy_b) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert len({round(score, 4) for score, _ in together}) > 3
+
+
+def test_loglikelihood_is_the_start_of_the_final_reply(tiny_model_dir, adapters, tmp_path):
+    lm = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    ((score, _),) = lm.loglikelihood(_mc_requests(QUESTIONS[:1], choices=(" B",)), disable_tqdm=True)
+    prompt = lm.method.final_prompt(Question(QUESTIONS[0], "letter"))
+    ids = prompt + lm.backbone.encode("B")
+    with torch.no_grad():
+        logits = lm.backbone.model(input_ids=torch.tensor([ids])).logits[0, -2]
+    assert score == pytest.approx(float(torch.log_softmax(logits, -1)[ids[-1]]), abs=1e-4)
+
+
+def test_latent_trace_changes_scores_and_controls_are_recorded(tiny_model_dir, adapters, tmp_path):
+    requests = _mc_requests(QUESTIONS[:2])
+    scores = {}
+    for communication in ("trace", "none", "other_doc"):
+        lm = _make(
+            "latent-mas",
+            {"latent_steps": 0, "communication": communication},
+            tiny_model_dir,
+            adapters,
+            tmp_path / communication,
+            batch_size=2,
+        )
+        scores[communication] = [s for s, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+        assert lm.get_model_info()["diffmas"]["communication"] == communication
+    assert scores["trace"] != pytest.approx(scores["none"], abs=1e-3)
+    assert scores["other_doc"] != pytest.approx(scores["trace"], abs=1e-3)
+
+
+def test_model_info_and_sidecar_carry_settings_and_token_counts(tiny_model_dir, adapters, tmp_path):
+    lm = _make("text-mas", {"max_new_tokens": 4}, tiny_model_dir, adapters, tmp_path, batch_size=2)
+    requests = _generate_requests({"until": [], "max_gen_toks": 6}, QUESTIONS[:2])
+    lm.generate_until(requests, disable_tqdm=True)
+    info = lm.get_model_info()["diffmas"]
+    assert info["method"] == "text-mas" and info["topology"] == "sequential"
+    assert info["prompts"]["name"] == "diffmas-v1" and len(info["prompts"]["sha256"]) == 64
+    totals = info["totals"]
+    assert totals["requests"] == 2 and totals["generated_tokens"] > totals["final_generated_tokens"] > 0
+    assert totals["final_stopped"] + totals["final_budget_hit"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "sidecar.jsonl").read_text().splitlines()]
+    assert {line["prompt_hash"] for line in lines} == {prompt_hash(q) for q in QUESTIONS[:2]}
+    assert [a["role"] for a in lines[0]["agents"]] == ["planner", "critic", "refiner"]
+    assert all("text" in a for a in lines[0]["agents"])
+    assert (
+        sum(a["generated_tokens"] for line in lines for a in line["agents"])
+        + sum(line["final"]["generated_tokens"] for line in lines)
+        == totals["generated_tokens"]
+    )
+
+
+def test_stop_sequences_are_honoured(tiny_model_dir, adapters, tmp_path):
+    lm = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    free = lm.generate_until(_generate_requests({"until": [], "max_gen_toks": 16}, QUESTIONS[:1]), disable_tqdm=True)
+    stop = free[0][3:5]
+    assert stop.strip()
+    cut = lm.generate_until(_generate_requests({"until": [stop], "max_gen_toks": 16}, QUESTIONS[:1]), disable_tqdm=True)
+    assert cut[0] == free[0][: free[0].index(stop)]
+
+
+def test_bad_input_fails_before_loading(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match="did you mean 'latent_steps'"):
+        LatentMASLM(pretrained=missing, latent_step=3)
+    with pytest.raises(ValueError, match="given twice"):
+        LatentMASLM.create_from_arg_string(f"pretrained={missing},batch_size=2", {"batch_size": 1})
+    with pytest.raises(ValueError, match="unknown topology"):
+        LatentMASLM(pretrained=missing, topology="star")
+    with pytest.raises(ValueError, match="latent_steps must be"):
+        LatentMASLM(pretrained=missing, latent_steps=-1)
+    with pytest.raises(ValueError, match="unknown communication"):
+        LatentMASLM(pretrained=missing, communication="telepathy")
+    with pytest.raises(ValueError, match="needs adapter=DIR"):
+        DiffMASLM(pretrained=missing)
+    with pytest.raises(ValueError, match="batch_size=auto"):
+        SingleAgentLM(pretrained=missing, batch_size="auto")
+    with pytest.raises(FileNotFoundError, match="directory without config.json"):
+        SingleAgentLM(pretrained=str(tmp_path))
+
+
+def test_adapter_for_another_backbone_is_refused(tiny_untied_model_dir, adapters):
+    with pytest.raises(ValueError, match="trained on backbone"):
+        DiffMASLM(pretrained=str(tiny_untied_model_dir), dtype="float32", device="cpu", adapter=str(adapters[False]))
+
+
+def test_cuda_request_without_cuda_falls_back_to_cpu(tiny_model_dir, adapters, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        lm = SingleAgentLM(pretrained=str(tiny_model_dir), device="cuda:0", sidecar=str(tmp_path / "s.jsonl"))
+    assert lm.backbone.device.type == "cpu"
+
+
+def test_apply_chat_template_is_refused(tiny_model_dir, adapters, tmp_path):
+    lm = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    with pytest.raises(ValueError, match="drop --apply_chat_template"):
+        lm.chat_template(True)
+
+
+def test_diffmas_adapter_changes_outputs_and_per_role_adapters_switch(tiny_model_dir, adapters, tmp_path):
+    requests = _mc_requests(QUESTIONS[:2])
+    latent = _make("latent-mas", {"latent_steps": 2}, tiny_model_dir, adapters, tmp_path / "l")
+    shared = _make("diffmas", {"latent_steps": 2}, tiny_model_dir, adapters, tmp_path / "s")
+    per_role = _make("diffmas", {"latent_steps": 2, "per_role": True}, tiny_model_dir, adapters, tmp_path / "p")
+    results = [[s for s, _ in lm.loglikelihood(requests, disable_tqdm=True)] for lm in (latent, shared, per_role)]
+    assert results[0] != pytest.approx(results[1], abs=1e-3)
+    assert results[1] != pytest.approx(results[2], abs=1e-3)
+    assert sorted(per_role.backbone.model.peft_config) == ["critic", "judger", "planner", "refiner"]
