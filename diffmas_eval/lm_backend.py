@@ -26,8 +26,8 @@ from diffmas_eval.core.backbone import load_backbone, resolve_device, resolve_dt
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
 from diffmas_eval.core.score import score_continuations
 from diffmas_eval.methods import METHODS, FinalAgentStart, Method, Question
-from diffmas_eval.paths import cache_dir
 from diffmas_eval.methods.latent_mas import LatentMAS
+from diffmas_eval.paths import cache_dir
 from diffmas_eval.prompts import FINAL_ROLE, TOPOLOGIES, load_prompt_set
 
 _COMMON_ARGS = (
