@@ -135,15 +135,15 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             name="qwen2.5-coder-1.5b-instruct",
-            description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, 28 layers, hidden 1536, Qwen ChatML template. "
-            "The strongest embedded model, and slow on CPU.",
+            description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, 28 layers, hidden 1536, Qwen ChatML template; "
+            "lm_head stored separately. The strongest embedded model, and slow on CPU.",
             license="Apache-2.0 (upstream Qwen2.5-Coder; the packages declare none)",
             packages=_QWEN_15B_PACKAGES,
             parts=_QWEN_15B_PARTS,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size_bytes=1_117_320_768,
-            num_parameters=1_543_714_304,
-            tied_embeddings=True,
+            num_parameters=1_777_088_000,
+            tied_embeddings=False,
             extra_eos_tokens=("<|endoftext|>",),
         ),
     )
