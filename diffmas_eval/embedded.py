@@ -199,6 +199,7 @@ def resolve_embedded_model(name: str) -> Path:
     _verify_parts(model, part_paths)
 
     models_root.mkdir(parents=True, exist_ok=True)
+    _check_free_space(model, models_root)
     with _file_lock(models_root / f".{model.converted_dir_name}.lock"):
         if _is_converted(target, model):  # another process converted it while we waited
             return target
@@ -250,6 +251,17 @@ def _find_in_package(part: GGUFPart) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _check_free_space(model: EmbeddedModel, models_root: Path) -> None:
+    """Refuse to start a conversion that cannot fit: fp32 weights plus, for chunked models, the joined GGUF."""
+    needed = 4 * model.num_parameters + (model.size_bytes if len(model.parts) > 1 else 0)
+    free = shutil.disk_usage(models_root).free
+    if free < needed:
+        raise EmbeddedModelError(
+            f"converting embedded model {model.name!r} needs about {needed / 1e9:.1f} GB free in {models_root} "
+            f"({free / 1e9:.1f} GB free); free space or point DIFFMAS_CACHE_DIR at a larger disk."
+        )
 
 
 def _verify_parts(model: EmbeddedModel, part_paths: list[Path]) -> None:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -160,8 +161,6 @@ def test_missing_package_names_the_exact_pip_command(cache, monkeypatch):
 
 
 def test_partly_installed_chunks_name_the_missing_ones(fake_model, cache, tmp_path):
-    import shutil
-
     shutil.rmtree(tmp_path / "site" / fake_model.parts[1].module)
     importlib.invalidate_caches()
     with pytest.raises(EmbeddedModelError) as info:
@@ -187,6 +186,17 @@ def test_size_mismatch_is_refused(fake_model, monkeypatch, cache):
     monkeypatch.setattr(embedded, "_convert_gguf_to_hf", _refuse)
     with pytest.raises(EmbeddedModelError, match="--force-reinstall"):
         resolve_embedded_model(wrong.name)
+
+
+def test_conversion_that_cannot_fit_on_disk_is_refused(fake_model, monkeypatch, cache):
+    big = dataclasses.replace(fake_model, num_parameters=10**9)
+    monkeypatch.setitem(EMBEDDED_MODELS, big.name, big)
+    monkeypatch.setattr(embedded, "_convert_gguf_to_hf", _refuse)
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=10**9))
+    with pytest.raises(EmbeddedModelError, match="DIFFMAS_CACHE_DIR"):
+        resolve_embedded_model(big.name)
+    assert not any(cache.iterdir())
 
 
 # --- conversion: concatenation, reuse, atomicity, lock ---------------------------------------------------------
