@@ -96,7 +96,7 @@ def test_gpqa_shuffle_is_fixed_and_independent_of_the_rows_kept(monkeypatch):
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(FIXTURES))
     first, second = load_rows("gpqa_diamond"), load_rows("gpqa_diamond")
     assert first == second
-    for row, correct in zip(first, ("Glimmeron-0", "Zorpium")):
+    for row, correct in zip(first, ("Glimmeron-0", "Zorpium"), strict=True):
         assert row["options"][row["letters"].index(row["gold"])] == correct
     rng = random.Random(0)  # the simple-evals scheme: one generator, sample(range(4), 4) per row, in file order
     assert [row["gold"] for row in first] == ["ABCD"[rng.sample(range(4), 4).index(0)] for _ in first]
