@@ -186,7 +186,8 @@ class MultiAgentLM(LM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            # Without CUDA, `cpu=True` makes accelerate set up a gloo group (MULTI_CPU) instead of ignoring WORLD_SIZE.
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
             self._device = self.accelerator.device
