@@ -121,7 +121,8 @@ def summarize(args, done: dict, chunks: list[list[int]], budgets: dict, log: Pat
     single = stats.get("single-agent")
     md = [
         f"Budgets: final agent {budgets['final']} tokens, TextMAS upstream {budgets['upstream']} tokens each, "
-        f"batch {budgets['batch']}, greedy; {args.n} GSM8K test problems (first {args.n}). Per-chunk log: `{log.name}`.",
+        f"batch {budgets['batch']}, greedy; {args.n} GSM8K test problems (first {args.n}). "
+        f"Per-chunk log: `{log.name}`.",
         "",
         "| config | problems | wall s/problem | gen tokens/problem | final tokens | latent steps | final stopped | acc "
         "| TextMAS/this time | tokens vs TextMAS | this/single time |",
@@ -134,8 +135,9 @@ def summarize(args, done: dict, chunks: list[list[int]], budgets: dict, log: Pat
         s.update(speedup_vs_text_mas=speedup, token_reduction_vs_text_mas=fewer, time_ratio_vs_single=vs_single)
         md.append(
             f"| {name} | {s['problems']} | {s['wall_per_problem']:.2f} | {s['tokens_per_problem']:.1f} | "
-            f"{s['final_tokens_per_problem']:.1f} | {s['latent_steps_per_problem']:.0f} | {s['final_stopped_rate']:.2f} "
-            f"| {s['accuracy']:.3f} | {speedup:.2f}x | {fewer * 100:+.1f}% fewer | {vs_single:.2f}x |"
+            f"{s['final_tokens_per_problem']:.1f} | {s['latent_steps_per_problem']:.0f} | "
+            f"{s['final_stopped_rate']:.2f} | {s['accuracy']:.3f} | "
+            f"{speedup:.2f}x | {fewer * 100:+.1f}% fewer | {vs_single:.2f}x |"
         )
     complete = all(s["problems"] == args.n for s in stats.values()) and len(stats) == len(args.configs)
     md.append("")

@@ -46,11 +46,11 @@ def main() -> None:
             for role in method.upstream_roles[: args.trace_agents]:
                 trace, hidden = append_prompts(backbone, trace, [method.render(role, q) for q in questions[:batch]])
 
-            def latent(aligner=None):
+            def latent(aligner, trace=trace, batch=batch):
                 fork, h = append_prompts(backbone, trace.fork(), [token] * batch, output="hidden")
                 run_latent_steps(backbone, fork, h, args.steps, aligner)
 
-            def decode():
+            def decode(trace=trace, batch=batch):
                 generate(no_eos, [token] * batch, trace.fork(), DecodingConfig(max_new_tokens=args.steps + 1))
 
             variants = {
