@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -25,10 +26,12 @@ from diffmas_eval import __version__
 from diffmas_eval.core.backbone import load_backbone, resolve_device, resolve_dtype
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
 from diffmas_eval.core.score import score_continuations
-from diffmas_eval.methods import METHODS, FinalAgentStart, Method, Question
+from diffmas_eval.methods import METHODS, Method, Question
 from diffmas_eval.methods.latent_mas import LatentMAS
 from diffmas_eval.paths import cache_dir
 from diffmas_eval.prompts import FINAL_ROLE, TOPOLOGIES, load_prompt_set
+
+logger = logging.getLogger(__name__)
 
 _COMMON_ARGS = (
     "pretrained",
@@ -50,6 +53,11 @@ _COMMON_ARGS = (
     "trust_remote_code",
     "max_length",
 )
+
+
+def _store_key(*parts: Any) -> str:
+    """Identity of one request within a run (what it asks, its answer format and seed)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prompt_hash(context: str) -> str:
@@ -176,7 +184,13 @@ class MultiAgentLM(LM):
         self.prompt_set = prompt_set
         self.totals: Counter[str] = Counter()
         self.sidecar_path = Path(sidecar) if sidecar else self._default_sidecar()
+        if sidecar and self._world_size > 1:  # one file per process: appends from several processes could interleave
+            self.sidecar_path = self.sidecar_path.with_name(f"{self.sidecar_path.stem}.rank{self._rank}.jsonl")
         self.sidecar_path.parent.mkdir(parents=True, exist_ok=True)
+        self._run_key = self.run_key()
+        self._load_sidecar()
+        if self._finished:
+            logger.info("reusing %d finished requests from %s", len(self._finished), self.sidecar_path)
 
     # --- distribution (data parallel through accelerate, as lm-eval's own HF backend) ---
 
@@ -237,7 +251,10 @@ class MultiAgentLM(LM):
         return {c: distinct[(i + 1) % len(distinct)] for i, c in enumerate(distinct)}
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Decode the final agent's answer for each request (batched by gen_kwargs, original order restored)."""
+        """Decode the final agent's answer for each request (batched by gen_kwargs, original order restored).
+
+        Requests already finished in the side-car under the same run configuration are not recomputed.
+        """
         items = []
         occurrences: Counter[str] = Counter()
         for index, request in enumerate(requests):
@@ -249,13 +266,15 @@ class MultiAgentLM(LM):
             # Repeats of one request (lm-eval clones them) get different seeds; nothing depends on batch or order.
             seed = derive_seed(self.seed, key, occurrences[key])
             occurrences[key] += 1
-            items.append((index, context, gen_kwargs, answer_format, seed, request))
+            store_key = _store_key("generate_until", context, gen_kwargs, answer_format, seed)
+            items.append((index, context, gen_kwargs, answer_format, seed, request, store_key))
+        outputs: list[str | None] = [self._reuse(it[6]) for it in items]
+        todo = [it for it, out in zip(items, outputs, strict=True) if out is None]
         others = self._other_contexts([it[1] for it in items]) if self._needs_other_doc() else {}
         collator = Collator(
-            items, sort_fn=lambda it: (-len(it[1]), it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
+            todo, sort_fn=lambda it: (-len(it[1]), it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
         )
-        outputs: list[str] = []
-        bar = tqdm(total=len(items), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
+        bar = tqdm(total=len(todo), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
         for batch in collator.get_batched(n=self.batch_size):
             decoding = DecodingConfig.from_gen_kwargs(batch[0][2], self.max_gen_toks)
             questions = [Question(it[1], it[3], it[4], others.get(it[1])) for it in batch]
@@ -268,23 +287,32 @@ class MultiAgentLM(LM):
                         self.backbone, start.prompts, start.trace, decoding, [q.seed for q in questions]
                     )
             seconds = (time.perf_counter() - began) / len(batch)
+            records = []
             for row, (item, gen) in enumerate(zip(batch, generations, strict=True)):
-                self._record(
-                    item[5],
-                    "generate_until",
-                    start,
-                    row,
-                    trace_tokens[row],
-                    seconds,
-                    item[4],
-                    final_generated=len(gen.token_ids),
-                    stopped=gen.stopped_before_budget,
-                    budget=decoding.max_new_tokens,
+                final = {
+                    "prompt_tokens": len(start.prompts[row]),
+                    "generated_tokens": len(gen.token_ids),
+                    "stopped_before_budget": gen.stopped_before_budget,
+                    "budget": decoding.max_new_tokens,
+                }
+                records.append(
+                    self._record(
+                        item[5],
+                        "generate_until",
+                        start.agents[row],
+                        final,
+                        trace_tokens[row],
+                        seconds,
+                        item[4],
+                        item[6],
+                        gen.text,
+                    )
                 )
-                outputs.append(gen.text)
+                outputs[item[0]] = gen.text
+            self._write(records)
             bar.update(len(batch))
         bar.close()
-        return collator.get_original(outputs)
+        return outputs
 
     def _needs_other_doc(self) -> bool:
         return getattr(self.method, "communication", None) == "other_doc"
@@ -299,15 +327,29 @@ class MultiAgentLM(LM):
         for index, request in enumerate(requests):
             context, _ = request.args
             groups.setdefault((context, self._answer_format(request)), []).append(index)
-        keys = sorted(groups, key=lambda k: -len(k[0]))
-        others = self._other_contexts([k[0] for k in keys]) if self._needs_other_doc() else {}
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        store_keys = {
+            key: _store_key("loglikelihood", key[0], [requests[i].args[1] for i in members], key[1])
+            for key, members in groups.items()
+        }
+        todo = []
+        for key, members in groups.items():
+            reused = self._reuse(store_keys[key])
+            if reused is None:
+                todo.append(key)
+            else:
+                for index, score in zip(members, reused, strict=True):
+                    results[index] = tuple(score)
+        todo.sort(key=lambda k: -len(k[0]))
+        others = self._other_contexts([k[0] for k in groups]) if self._needs_other_doc() else {}
         decoding = DecodingConfig(max_new_tokens=self.max_gen_toks)
         bar = tqdm(
-            total=len(requests), desc=f"{self.method_name} loglikelihood", disable=disable_tqdm or self._rank != 0
+            total=sum(len(groups[k]) for k in todo),
+            desc=f"{self.method_name} loglikelihood",
+            disable=disable_tqdm or self._rank != 0,
         )
-        for begin in range(0, len(keys), self.batch_size):
-            batch = keys[begin : begin + self.batch_size]
+        for begin in range(0, len(todo), self.batch_size):
+            batch = todo[begin : begin + self.batch_size]
             questions = [Question(ctx, fmt, derive_seed(self.seed, ctx), others.get(ctx)) for ctx, fmt in batch]
             continuations = [[self.backbone.encode(requests[i].args[1].lstrip()) for i in groups[k]] for k in batch]
             began = time.perf_counter()
@@ -317,20 +359,30 @@ class MultiAgentLM(LM):
                 with self.method.acting_as(FINAL_ROLE):
                     scores = score_continuations(self.backbone, start.prompts, start.trace, continuations)
             seconds = (time.perf_counter() - began) / len(batch)
+            records = []
             for row, key in enumerate(batch):
                 for index, score in zip(groups[key], scores[row], strict=True):
                     results[index] = score
-                self._record(
-                    requests[groups[key][0]],
-                    "loglikelihood",
-                    start,
-                    row,
-                    trace_tokens[row],
-                    seconds,
-                    questions[row].seed,
-                    continuations=len(groups[key]),
+                final = {
+                    "prompt_tokens": len(start.prompts[row]),
+                    "generated_tokens": 0,
+                    "continuations": len(groups[key]),
+                }
+                records.append(
+                    self._record(
+                        requests[groups[key][0]],
+                        "loglikelihood",
+                        start.agents[row],
+                        final,
+                        trace_tokens[row],
+                        seconds,
+                        questions[row].seed,
+                        store_keys[key],
+                        scores[row],
+                    )
                 )
                 bar.update(len(groups[key]))
+            self._write(records)
         bar.close()
         return results
 
@@ -355,34 +407,58 @@ class MultiAgentLM(LM):
             outputs.append(total)
         return outputs
 
-    # --- accounting ---
+    # --- side-car: per-request accounting, and the store that lets an interrupted run resume ---
 
     def _default_sidecar(self) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return cache_dir() / "sidecars" / f"{self.method_name}-{stamp}-{os.getpid()}-rank{self._rank}.jsonl"
 
+    def run_key(self) -> str:
+        """Identity of what this run computes: method settings, backbone weights, prompt set, dtype, base seed.
+
+        Batch size, device and world size are left out: results do not depend on them."""
+        info = self.get_model_info()["diffmas"]
+        for volatile in ("totals", "sidecar", "batch_size", "world_size", "version", "run_key"):
+            info.pop(volatile, None)
+        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _load_sidecar(self) -> None:
+        """Index the finished requests an earlier run with the same run key left in the side-car file."""
+        self._finished: dict[str, dict[str, Any]] = {}
+        if not self.sidecar_path.is_file():
+            return
+        run_key = self.run_key()
+        with self.sidecar_path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interrupted write
+                    continue
+                if record.get("run_key") == run_key and "result" in record:
+                    self._finished[record["store_key"]] = record
+
+    def _reuse(self, store_key: str) -> Any:
+        """The stored result of a finished request (its accounting counted again), or None."""
+        record = self._finished.get(store_key)
+        if record is None:
+            return None
+        self._account(record)
+        self.totals["reused_requests"] += 1
+        return record["result"]
+
     def _record(
         self,
         request: Any,
         request_type: str,
-        start: FinalAgentStart,
-        row: int,
+        agents: list[Any],
+        final: dict[str, Any],
         trace_tokens: int,
         seconds: float,
         seed: int,
-        *,
-        final_generated: int = 0,
-        stopped: bool | None = None,
-        budget: int | None = None,
-        continuations: int | None = None,
-    ) -> None:
-        agents = start.agents[row]
-        final = {"prompt_tokens": len(start.prompts[row]), "generated_tokens": final_generated}
-        if stopped is not None:
-            final.update(stopped_before_budget=stopped, budget=budget)
-        if continuations is not None:
-            final["continuations"] = continuations
-        line = {
+        store_key: str,
+        result: Any,
+    ) -> dict[str, Any]:
+        record = {
             "prompt_hash": prompt_hash(request.args[0]),
             "request_type": request_type,
             "task": getattr(request, "task_name", None),
@@ -393,23 +469,37 @@ class MultiAgentLM(LM):
             "final": final,
             "trace_tokens": trace_tokens,
             "wall_seconds": round(seconds, 6),
+            "run_key": self._run_key,
+            "store_key": store_key,
+            "result": result,
         }
+        self._account(record)
+        self._finished[store_key] = record
+        return record
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Append a finished batch and flush it to disk, so an interrupted run loses at most the batch under way."""
         with self.sidecar_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        upstream_generated = sum(a.generated_tokens for a in agents)
+            handle.write("".join(json.dumps(r) + "\n" for r in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _account(self, record: dict[str, Any]) -> None:
+        agents, final = record["agents"], record["final"]
+        stopped = final.get("stopped_before_budget")
         self.totals.update(
             {
                 "requests": 1,
-                "prompt_tokens": sum(a.prompt_tokens for a in agents) + final["prompt_tokens"],
-                "generated_tokens": upstream_generated + final_generated,
-                "final_generated_tokens": final_generated,
-                "latent_steps": sum(a.latent_steps for a in agents),
-                "trace_tokens": trace_tokens,
+                "prompt_tokens": sum(a["prompt_tokens"] for a in agents) + final["prompt_tokens"],
+                "generated_tokens": sum(a["generated_tokens"] for a in agents) + final["generated_tokens"],
+                "final_generated_tokens": final["generated_tokens"],
+                "latent_steps": sum(a["latent_steps"] for a in agents),
+                "trace_tokens": record["trace_tokens"],
                 "final_stopped": int(bool(stopped)),
                 "final_budget_hit": int(stopped is False),
             }
         )
-        self.totals["wall_seconds"] += seconds
+        self.totals["wall_seconds"] += record["wall_seconds"]
 
     def get_model_info(self) -> dict[str, Any]:
         """Everything that identifies this run, merged by lm-eval into `results["config"]["diffmas"]`."""
@@ -430,12 +520,14 @@ class MultiAgentLM(LM):
             "world_size": self._world_size,
             "totals": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.totals.items()},
             "sidecar": str(self.sidecar_path),
+            "run_key": getattr(self, "_run_key", None),
         }
         return {"diffmas": info}
 
 
 class SingleAgentLM(MultiAgentLM):
     method_name = "single-agent"
+    method_args = ("adapter",)
 
 
 class TextMASLM(MultiAgentLM):

@@ -249,3 +249,43 @@ def test_diffmas_adapter_changes_outputs_and_per_role_adapters_switch(tiny_model
     assert results[0] != pytest.approx(results[1], abs=1e-3)
     assert results[1] != pytest.approx(results[2], abs=1e-3)
     assert sorted(per_role.backbone.model.peft_config) == ["critic", "judger", "planner", "refiner"]
+
+
+def test_interrupted_run_resumes_from_the_sidecar_without_redoing_finished_requests(tiny_model_dir, adapters, tmp_path):
+    gen_kwargs = {"until": [], "max_gen_toks": 8}
+    requests = _generate_requests(gen_kwargs, QUESTIONS[:4])
+    full = _make("latent-mas", {"latent_steps": 1}, tiny_model_dir, adapters, tmp_path / "full", batch_size=2)
+    expected = full.generate_until(requests, disable_tqdm=True)
+    # An interrupted run: one batch finished, the next cut off mid-write.
+    sidecar = tmp_path / "run" / "sidecar.jsonl"
+    sidecar.parent.mkdir()
+    finished = (tmp_path / "full" / "sidecar.jsonl").read_text().splitlines()
+    sidecar.write_text("\n".join(finished[:2]) + "\n" + finished[2][:40])
+    resumed = _make("latent-mas", {"latent_steps": 1}, tiny_model_dir, adapters, tmp_path / "run", batch_size=2)
+    assert resumed.generate_until(requests, disable_tqdm=True) == expected
+    info = resumed.get_model_info()["diffmas"]
+    assert info["totals"]["reused_requests"] == 2 and info["totals"]["requests"] == 4
+    assert info["totals"]["generated_tokens"] == full.get_model_info()["diffmas"]["totals"]["generated_tokens"]
+    # Another configuration never reuses these results.
+    other = _make("latent-mas", {"latent_steps": 2}, tiny_model_dir, adapters, tmp_path / "run", batch_size=2)
+    other.generate_until(requests, disable_tqdm=True)
+    assert "reused_requests" not in other.get_model_info()["diffmas"]["totals"]
+
+
+def test_loglikelihood_resumes_from_the_sidecar(tiny_model_dir, adapters, tmp_path):
+    requests = _mc_requests(QUESTIONS[:3])
+    first = _make("text-mas", {"max_new_tokens": 3}, tiny_model_dir, adapters, tmp_path, batch_size=3)
+    expected = first.loglikelihood(requests, disable_tqdm=True)
+    again = _make("text-mas", {"max_new_tokens": 3}, tiny_model_dir, adapters, tmp_path, batch_size=3)
+    assert again.loglikelihood(requests, disable_tqdm=True) == [tuple(x) for x in expected]
+    assert again.get_model_info()["diffmas"]["totals"]["reused_requests"] == 3
+
+
+def test_lora_single_agent_control_loads_a_shared_adapter(tiny_model_dir, adapters, tmp_path):
+    plain = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path / "a")
+    tuned = _make("single-agent", {"adapter": str(adapters[False])}, tiny_model_dir, adapters, tmp_path / "b")
+    requests = _mc_requests(QUESTIONS[:2])
+    assert plain.loglikelihood(requests, disable_tqdm=True) != tuned.loglikelihood(requests, disable_tqdm=True)
+    assert tuned.get_model_info()["diffmas"]["adapter"] == str(adapters[False])
+    with pytest.raises(ValueError, match="one adapter per role"):
+        _make("single-agent", {"adapter": str(adapters[True])}, tiny_model_dir, adapters, tmp_path / "c")
