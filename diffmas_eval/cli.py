@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["models"]:
         _print_models()
         return
+    if argv[:1] == ["reproduce"]:
+        from diffmas_eval.reproduce import main as reproduce
+
+        sys.exit(reproduce(argv[1:]))
     if _has_option(argv, "--apply_chat_template"):
         sys.exit("diffmas-eval: the backends template every agent's turn themselves; drop --apply_chat_template")
     from diffmas_eval.registry import register_models

@@ -1,0 +1,218 @@
+"""`diffmas-eval reproduce CONFIG`: a set of (method x task) evaluations, resumable piece by piece, then the report.
+
+A config (YAML) names a backbone, defaults, runs (method + model args) and tasks (optionally a `limit` per task):
+
+    name: smollm2-cpu
+    backbone: smollm2-135m-instruct
+    defaults: {model_args: {dtype: bfloat16}, batch_size: 8, gen_kwargs: {max_gen_toks: 256}}
+    runs:
+      - {name: single-agent, model: single-agent}
+      - {name: latent-mas-m10, model: latent-mas, model_args: {latent_steps: 10}}
+    tasks: {mas_gsm8k: 40, mas_arc_easy_mc: 200}
+
+Each (run, task) is one piece with its own output directory `OUT/<run>/<task>/`, evaluated by the `diffmas-eval` CLI in
+a subprocess (the exact command is written to `command.sh` there). A piece with a results file for the same limit is
+skipped; an interrupted piece resumes from its side-car (`sidecar.jsonl`), so finished documents are never redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffmas_eval.registry import MODEL_TARGETS
+
+_CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
+_RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note"}
+_TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper"}
+
+
+@dataclass
+class Piece:
+    """One (run, task) evaluation."""
+
+    run: str
+    task: str
+    model: str
+    model_args: dict[str, Any]
+    gen_kwargs: dict[str, Any]
+    batch_size: int
+    limit: int | None
+    directory: Path
+    extra: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        args = {**self.model_args, "sidecar": str(self.directory / "sidecar.jsonl")}
+        command = [
+            "diffmas-eval",
+            "--model",
+            self.model,
+            "--model_args",
+            ",".join(f"{k}={v}" for k, v in args.items()),
+            "--tasks",
+            self.task,
+            "--batch_size",
+            str(self.batch_size),
+            "--output_path",
+            str(self.directory),
+        ]
+        if self.gen_kwargs:
+            command += ["--gen_kwargs", ",".join(f"{k}={v}" for k, v in self.gen_kwargs.items())]
+        if self.limit is not None:
+            command += ["--limit", str(self.limit)]
+        # GPQA's authors ask that its questions never appear in plain text: no samples files for it.
+        if "gpqa" not in self.task:
+            command.append("--log_samples")
+        if self.task in _CODE_TASKS:
+            command.append("--confirm_run_unsafe_code")
+        return command + self.extra
+
+    def finished(self) -> bool:
+        """True when a results file for this piece, at this limit, exists."""
+        for path in glob.glob(str(self.directory / "**" / "results_*.json"), recursive=True):
+            try:
+                config = json.loads(Path(path).read_text())["config"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if config.get("limit") == (float(self.limit) if self.limit is not None else None):
+                return True
+        return False
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a reproduction config; one clear error for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reproduction config {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    unknown = set(config) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    if not config.get("runs") or not config.get("tasks"):
+        raise ValueError(f"{path}: needs non-empty `runs` and `tasks`")
+    names = set()
+    for run in config["runs"]:
+        if set(run) - _RUN_KEYS or "name" not in run or "model" not in run:
+            raise ValueError(f"{path}: each run needs `name` and `model` (allowed keys {sorted(_RUN_KEYS)}): {run}")
+        if run["model"] not in MODEL_TARGETS:
+            raise ValueError(f"{path}: run {run['name']!r} has unknown model {run['model']!r}")
+        if run["name"] in names:
+            raise ValueError(f"{path}: run name {run['name']!r} is used twice")
+        names.add(run["name"])
+    return config
+
+
+def plan(
+    config: dict[str, Any],
+    out: Path,
+    *,
+    limit: int | None = None,
+    backbone: str | None = None,
+    only: list[str] | None = None,
+    tasks: list[str] | None = None,
+) -> list[Piece]:
+    """Expand a config into pieces (run x task), applying the command-line overrides."""
+    defaults = config.get("defaults") or {}
+    task_limits = config["tasks"] if isinstance(config["tasks"], dict) else dict.fromkeys(config["tasks"])
+    chosen_backbone = backbone or config.get("backbone")
+    runs = []
+    for run in config["runs"]:
+        if only and run["name"] not in only:
+            continue
+        model_args = {**(defaults.get("model_args") or {}), **(run.get("model_args") or {})}
+        if chosen_backbone:
+            model_args["pretrained"] = chosen_backbone
+        adapter = model_args.get("adapter")
+        if adapter and not Path(adapter).is_dir():
+            raise FileNotFoundError(
+                f"run {run['name']!r}: adapter {adapter} does not exist; train it first "
+                "(see results/training/README.md) or leave the run out with --only"
+            )
+        gen_kwargs = {**(defaults.get("gen_kwargs") or {}), **(run.get("gen_kwargs") or {})}
+        batch_size = int(run.get("batch_size", defaults.get("batch_size", 1)))
+        runs.append((run, model_args, gen_kwargs, batch_size))
+    pieces = []
+    # Task-major order: each task's row of the leaderboard completes across methods before the next task starts.
+    for task, task_limit in task_limits.items():
+        if tasks and task not in tasks:
+            continue
+        piece_limit = limit if limit is not None else (task_limit if task_limit is not None else defaults.get("limit"))
+        for run, model_args, gen_kwargs, batch_size in runs:
+            pieces.append(
+                Piece(
+                    run=run["name"],
+                    task=task,
+                    model=run["model"],
+                    model_args=model_args,
+                    gen_kwargs=gen_kwargs,
+                    batch_size=batch_size,
+                    limit=piece_limit,
+                    directory=out / run["name"] / task,
+                )
+            )
+    return pieces
+
+
+def run_piece(piece: Piece) -> int:
+    """Evaluate one piece in a subprocess; returns its exit code."""
+    piece.directory.mkdir(parents=True, exist_ok=True)
+    command = piece.command()
+    (piece.directory / "command.sh").write_text(shlex.join(command) + "\n")
+    executable = Path(sys.executable).parent / "diffmas-eval"
+    argv = [str(executable) if executable.exists() else command[0], *command[1:]]
+    with (piece.directory / "log.txt").open("a") as log:
+        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffmas-eval reproduce", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="reproduction config (YAML)")
+    parser.add_argument("--out", help="output directory (default: results/<config name>)")
+    parser.add_argument("--limit", type=int, help="documents per task, overriding the config (small machines)")
+    parser.add_argument("--backbone", help="pretrained model for every run, overriding the config")
+    parser.add_argument("--only", help="comma-separated run names to evaluate")
+    parser.add_argument("--tasks", help="comma-separated task names to evaluate")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    out = Path(args.out or Path("results") / (config.get("name") or Path(args.config).stem)).resolve()
+    pieces = plan(
+        config,
+        out,
+        limit=args.limit,
+        backbone=args.backbone,
+        only=args.only.split(",") if args.only else None,
+        tasks=args.tasks.split(",") if args.tasks else None,
+    )
+    failed = []
+    for number, piece in enumerate(pieces, 1):
+        status = "done" if piece.finished() else "todo"
+        print(f"[{number}/{len(pieces)}] {piece.run} / {piece.task} (limit {piece.limit}): {status}", flush=True)
+        if args.dry_run:
+            print("   ", shlex.join(piece.command()))
+            continue
+        if status == "done":
+            continue
+        code = run_piece(piece)
+        if code != 0 or not piece.finished():
+            failed.append(piece)
+            print(f"    failed (exit {code}); see {piece.directory / 'log.txt'}", flush=True)
+    if not args.dry_run and not args.no_report:
+        from diffmas_eval.reporting.cli import main as report
+
+        report([str(out), "--out", str(out / "report")])
+    if failed:
+        print(f"{len(failed)} piece(s) failed: " + ", ".join(f"{p.run}/{p.task}" for p in failed))
+        return 1
+    return 0

@@ -1,0 +1,116 @@
+"""`diffmas-eval reproduce`: planning, validation, skipping finished pieces, and one real tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffmas_eval.reproduce import load_config, plan
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_plan_expands_runs_and_tasks_with_overrides(tmp_path):
+    config = {
+        "name": "x",
+        "backbone": "smollm2-135m-instruct",
+        "defaults": {"model_args": {"dtype": "bfloat16"}, "batch_size": 4, "gen_kwargs": {"max_gen_toks": 64}},
+        "runs": [
+            {"name": "sa", "model": "single-agent"},
+            {"name": "lm", "model": "latent-mas", "model_args": {"latent_steps": 3}, "batch_size": 2},
+        ],
+        "tasks": {"mas_gsm8k": 10, "mas_arc_easy_mc": None},
+    }
+    pieces = plan(load_config(_write(tmp_path, config)), tmp_path / "out")
+    assert [(p.task, p.run) for p in pieces] == [
+        ("mas_gsm8k", "sa"),
+        ("mas_gsm8k", "lm"),
+        ("mas_arc_easy_mc", "sa"),
+        ("mas_arc_easy_mc", "lm"),
+    ]
+    assert pieces[1].model_args == {"dtype": "bfloat16", "latent_steps": 3, "pretrained": "smollm2-135m-instruct"}
+    assert pieces[1].batch_size == 2 and pieces[0].limit == 10 and pieces[2].limit is None
+    command = pieces[1].command()
+    assert "--log_samples" in command and command[command.index("--limit") + 1] == "10"
+    assert (
+        f"sidecar={tmp_path / 'out' / 'lm' / 'mas_gsm8k' / 'sidecar.jsonl'}"
+        in command[command.index("--model_args") + 1]
+    )
+    small = plan(load_config(_write(tmp_path, config)), tmp_path / "out", limit=2, backbone="other", only=["lm"])
+    assert {p.limit for p in small} == {2} and {p.model_args["pretrained"] for p in small} == {"other"}
+    assert {p.run for p in small} == {"lm"}
+
+
+def test_gpqa_pieces_never_log_samples(tmp_path):
+    config = {"runs": [{"name": "sa", "model": "single-agent"}], "tasks": ["mas_gpqa_diamond_mc"]}
+    (piece,) = plan(load_config(_write(tmp_path, config)), tmp_path)
+    assert "--log_samples" not in piece.command()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"runs": [], "tasks": ["t"]}, "non-empty"),
+        ({"runs": [{"name": "a", "model": "nope"}], "tasks": ["t"]}, "unknown model"),
+        ({"runs": [{"name": "a", "model": "diffmas"}, {"name": "a", "model": "diffmas"}], "tasks": ["t"]}, "twice"),
+        ({"runs": [{"name": "a", "model": "diffmas", "colour": 1}], "tasks": ["t"]}, "allowed keys"),
+        ({"runs": [{"name": "a", "model": "diffmas"}], "tasks": ["t"], "tsks": 1}, "unknown keys"),
+    ],
+)
+def test_bad_configs_fail_with_one_clear_error(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, config))
+
+
+def test_missing_adapter_is_reported_before_anything_runs(tmp_path):
+    config = {
+        "runs": [{"name": "d", "model": "diffmas", "model_args": {"adapter": str(tmp_path / "none")}}],
+        "tasks": ["mas_gsm8k"],
+    }
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        plan(load_config(_write(tmp_path, config)), tmp_path)
+
+
+def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_path):
+    config = {
+        "name": "tiny",
+        "backbone": str(tiny_model_dir),
+        "defaults": {"model_args": {"dtype": "float32"}, "batch_size": 2},
+        "runs": [
+            {"name": "single-agent", "model": "single-agent"},
+            {"name": "latent-mas", "model": "latent-mas", "model_args": {"latent_steps": 1}},
+        ],
+        "tasks": {"mas_arc_easy_mc": 2},
+    }
+    path = _write(tmp_path, config)
+    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        str(Path(sys.executable).parent / "diffmas-eval"),
+        "reproduce",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count(": todo") == 2
+    results = list((tmp_path / "out").glob("*/mas_arc_easy_mc/**/results_*.json"))
+    assert len(results) == 2
+    methods = {json.loads(r.read_text())["config"]["diffmas"]["method"] for r in results}
+    assert methods == {"single-agent", "latent-mas"}
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0 and second.stdout.count(": done") == 2
