@@ -113,6 +113,14 @@ def make_backend(method: str, args: argparse.Namespace, sidecar: Path, **kwargs:
     return BACKENDS[method](pretrained=args.pretrained, dtype=args.dtype, device="cpu", sidecar=str(sidecar), **kwargs)
 
 
+def forget_finished(lm: Any) -> None:
+    """Make the backend recompute every request: it reuses results already in its side-car store (so interrupted
+    runs resume), which would turn every repeat of a timed call into a lookup."""
+    finished = getattr(lm, "_finished", None)
+    if finished is not None:
+        finished.clear()
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time every variant `repeats` times, alternating the order each round (ABAB..., then BA...).
 

@@ -73,6 +73,7 @@ def main() -> None:
                 )
             lm = backends[name]
             before = lm.sidecar_path.read_text().count("\n") if lm.sidecar_path.exists() else 0
+            c.forget_finished(lm)
             began = time.perf_counter()
             replies = lm.generate_until([requests[i] for i in chunk], disable_tqdm=True)
             wall = time.perf_counter() - began
