@@ -174,8 +174,12 @@ def test_paper_numbers_beside_ours_and_apart(report):
     diffmas = only[(only["method"] == "diffmas") & (only["metric"] == "acc")]
     assert diffmas["mas_aime24"].item() == "≈76.7" and diffmas["mas_aime25"].item() == "≈56.7 / ≈66.7"
     # matched numbers are not repeated in the paper-only section; unmatched backbones are
-    seq8 = only[(only["backbone"] == "Qwen3-8B") & (only["method"] == "latent-mas") & (only["metric"] == "acc")
-                & only["table"].str.startswith("Sequential")]
+    seq8 = only[
+        (only["backbone"] == "Qwen3-8B")
+        & (only["method"] == "latent-mas")
+        & (only["metric"] == "acc")
+        & only["table"].str.startswith("Sequential")
+    ]
     assert seq8["mas_gsm8k"].item() == "–" and seq8["mas_medqa"].item() == "75.3"
     assert not only[only["backbone"] == "Qwen3-14B"].empty
 
@@ -191,7 +195,7 @@ def test_baselines_files_are_complete_and_marked():
 @pytest.mark.skipif(not METHODS_DOC.is_file(), reason="needs ../shared/docs/methods.md beside the repository")
 def test_baselines_transcribe_methods_doc_section_8():
     doc = METHODS_DOC.read_text(encoding="utf-8")
-    section = doc[doc.index("## 8."):doc.index("## 9.")]
+    section = doc[doc.index("## 8.") : doc.index("## 9.")]
     frame = load_baselines(baselines_dir())
     expected = []
     for line in section.splitlines():
@@ -269,13 +273,31 @@ class _TagBalance(HTMLParser):
 
 def test_cli_writes_every_format(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "diffmas_eval.reporting", str(GOOD), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffmas_eval.reporting", str(GOOD), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "superseded" in proc.stderr
-    for name in ("report.md", "report.tex", "report.html", "leaderboard.csv", "cost.csv", "stability.csv",
-                 "paired.csv", "paper.csv", "paper_only.csv", "seed_spread.csv", "scores.csv",
-                 "domain_bars.png", "domain_bars.svg", "accuracy_vs_tokens.png", "accuracy_vs_tokens.svg"):
+    for name in (
+        "report.md",
+        "report.tex",
+        "report.html",
+        "leaderboard.csv",
+        "cost.csv",
+        "stability.csv",
+        "paired.csv",
+        "paper.csv",
+        "paper_only.csv",
+        "seed_spread.csv",
+        "scores.csv",
+        "domain_bars.png",
+        "domain_bars.svg",
+        "accuracy_vs_tokens.png",
+        "accuracy_vs_tokens.svg",
+    ):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "| 70.0 ± 15.3 (n=10)" in md and "## Paired comparisons" in md
@@ -301,11 +323,41 @@ def test_plots_are_real_images(tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffmas_eval.reporting", str(tmp_path / "nope"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffmas_eval.reporting", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "not a directory" in proc.stderr
     from diffmas_eval.reporting.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-baselines"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_side_car_keeps_this_runs_last_line_per_request_and_skips_cut_lines(tmp_path):
+    """A resumed or re-configured run shares its side-car: only this run's lines count, each request once."""
+    import json
+    import shutil
+
+    original = build_report([FIXTURES / "good" / "results-b"])
+    work = tmp_path / "results-b"
+    shutil.copytree(FIXTURES / "good" / "results-b", work)
+    (results_file,) = work.glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    results["config"]["diffmas"]["run_key"] = "this-run"
+    results_file.write_text(json.dumps(results))
+    (sidecar,) = work.glob("sidecar_*.jsonl")
+    lines = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    for number, line in enumerate(lines):
+        line.update(run_key="this-run", store_key=f"request-{number}")
+    duplicate = dict(lines[0])  # the same request recomputed after an interruption
+    foreign = dict(lines[0], run_key="another-run", store_key="x", wall_seconds=1e6)
+    text = "".join(json.dumps(line) + "\n" for line in [*lines, duplicate, foreign]) + '{"prompt_hash": "ab'
+    sidecar.write_text(text)
+    resumed = build_report([work])
+    columns = ["generated tokens / problem", "seconds / problem", "trace tokens / problem"]
+    assert resumed.tables["cost"][columns].equals(original.tables["cost"][columns])
+    assert any("unreadable side-car line" in w for w in resumed.warnings)

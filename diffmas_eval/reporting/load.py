@@ -28,8 +28,18 @@ OUR_METHODS = ("single-agent", "text-mas", "latent-mas", "diffmas")
 # Fields of config.diffmas that say *what was run*; totals, side-car path, package version and seed are not part of
 # the configuration (a rerun with a newer package replaces the older one; seeds are reported side by side).
 IDENTITY_FIELDS = (
-    "method", "backbone", "backbone_fingerprint", "adapter", "topology", "latent_steps", "realign", "communication",
-    "enable_thinking", "max_new_tokens", "prompts", "dtype",
+    "method",
+    "backbone",
+    "backbone_fingerprint",
+    "adapter",
+    "topology",
+    "latent_steps",
+    "realign",
+    "communication",
+    "enable_thinking",
+    "max_new_tokens",
+    "prompts",
+    "dtype",
 )
 DEFAULT_COMMUNICATION = {"single-agent": "none", "text-mas": "text", "latent-mas": "trace", "diffmas": "trace"}
 
@@ -150,10 +160,19 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
     args = _parse_model_args(config.get("model_args"))
     backbone = args.get("pretrained") or args.get("model") or args.get("path") or str(model)
     identity = {
-        "method": str(model), "backbone": str(backbone), "backbone_fingerprint": args.get("revision"),
-        "adapter": args.get("peft"), "topology": None, "latent_steps": None, "realign": None, "communication": None,
-        "enable_thinking": args.get("enable_thinking"), "max_new_tokens": args.get("max_gen_toks"), "prompts": None,
-        "dtype": args.get("dtype"), "decoding": decoding,
+        "method": str(model),
+        "backbone": str(backbone),
+        "backbone_fingerprint": args.get("revision"),
+        "adapter": args.get("peft"),
+        "topology": None,
+        "latent_steps": None,
+        "realign": None,
+        "communication": None,
+        "enable_thinking": args.get("enable_thinking"),
+        "max_new_tokens": args.get("max_gen_toks"),
+        "prompts": None,
+        "dtype": args.get("dtype"),
+        "decoding": decoding,
     }
     return "lm-eval", identity, config.get("random_seed")
 
@@ -213,8 +232,9 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
     for task, res in data["results"].items():
         if task in groups:
             continue
-        run.all_task_counts[task] = (n_samples.get(task) or {}).get("effective") if isinstance(
-            n_samples.get(task), dict) else None
+        run.all_task_counts[task] = (
+            (n_samples.get(task) or {}).get("effective") if isinstance(n_samples.get(task), dict) else None
+        )
         if not isinstance(res, dict):
             log.warn(path, f"results[{task!r}] is not an object; task skipped")
             continue
@@ -225,7 +245,7 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
         log.warn(path, "no usable task results; file skipped")
         return None
     _attach_samples(run, data.get("task_hashes") or {}, log)
-    _attach_sidecar(run, diffmas.get("sidecar"), log)
+    _attach_sidecar(run, diffmas.get("sidecar"), log, diffmas.get("run_key"))
     return run
 
 
@@ -259,8 +279,14 @@ def _read_task(path: Path, task: str, res: dict[str, Any], counts: Any, log: War
         log.warn(path, f"task {task}: no document count (`n-samples` / `sample_len`); task skipped")
         return None
     original = counts.get("original") if isinstance(counts, dict) else None
-    return TaskResult(task=task, filter=filt, headline=metric, metrics=metrics, n=n,
-                      n_original=original if isinstance(original, int) else None)
+    return TaskResult(
+        task=task,
+        filter=filt,
+        headline=metric,
+        metrics=metrics,
+        n=n,
+        n_original=original if isinstance(original, int) else None,
+    )
 
 
 def _sha256(text: str) -> str:
@@ -269,7 +295,7 @@ def _sha256(text: str) -> str:
 
 def _attach_samples(run: Run, task_hashes: dict[str, str], log: WarningLog) -> None:
     """Attach `samples_<task>_<stamp>.jsonl` to each task when it exists, is complete and matches `task_hashes`."""
-    stamp = run.path.stem[len("results_"):]
+    stamp = run.path.stem[len("results_") :]
     for task, result in run.tasks.items():
         sample_path = run.path.with_name(f"samples_{task}_{stamp}.jsonl")
         if not sample_path.is_file():
@@ -346,7 +372,7 @@ def _resolve_sidecar(run: Run, declared: str) -> Path | None:
     return beside if beside.is_file() else None
 
 
-def _attach_sidecar(run: Run, declared: Any, log: WarningLog) -> None:
+def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | None = None) -> None:
     """Per-document cost and stopping from the backend's side-car JSONL (see TEAM.md for its line format)."""
     if not declared:
         return
@@ -355,13 +381,23 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog) -> None:
         log.warn(run.path, f"side-car {declared} not found (nor beside the results file); using config totals")
         return
     per_doc: dict[tuple[str, Any], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    line_no = 0
+    records: dict[Any, dict[str, Any]] = {}
+    line_no = skipped = 0
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
             line_no += 1
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
+                skipped += 1
+                continue
+            # A side-car can hold several runs (resumed or re-configured): this run's lines, the last per request.
+            if run_key and record.get("run_key") not in (None, run_key):
+                continue
+            records[record.get("store_key") or line_no] = record
+        for record in records.values():
             key = (record["task"], record["doc_id"])
             doc = per_doc[key]
             agents = record.get("agents") or []
@@ -375,9 +411,11 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog) -> None:
             if record.get("request_type") == "generate_until" and "stopped_before_budget" in final:
                 doc["generations"] += 1
                 doc["stopped"] += float(bool(final["stopped_before_budget"]))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         log.warn(path, f"side-car unreadable at line {line_no} ({err!r}); using config totals for {run.path.name}")
         return
+    if skipped:
+        log.warn(path, f"{skipped} unreadable side-car line(s) skipped (an interrupted write)")
     frame = pd.DataFrame([{"task": t, "doc_id": d, **vals} for (t, d), vals in per_doc.items()])
     for task, result in run.tasks.items():
         part = frame[frame["task"] == task] if not frame.empty else frame
