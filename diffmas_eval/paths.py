@@ -43,12 +43,18 @@ def data_dir() -> Path | None:
     return path
 
 
-def tasks_dir() -> Path:
-    """The lm-eval task configs: `tasks/` of a source checkout, else the copy shipped inside the wheel."""
-    checkout = _PACKAGE_DIR.parent / "tasks"
+def project_dir(name: str) -> Path:
+    """A top-level project folder (`tasks`, `baselines`): the source checkout's, else the copy shipped in the wheel
+    (`diffmas_eval/_<name>`)."""
+    checkout = _PACKAGE_DIR.parent / name
     if checkout.is_dir() and (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
         return checkout
-    shipped = _PACKAGE_DIR / "_tasks"
+    shipped = _PACKAGE_DIR / f"_{name}"
     if shipped.is_dir():
         return shipped
-    raise FileNotFoundError(f"no task configs found at {checkout} or {shipped}; reinstall diffmas-eval")
+    raise FileNotFoundError(f"no {name}/ found at {checkout} or {shipped}; reinstall diffmas-eval")
+
+
+def tasks_dir() -> Path:
+    """The lm-eval task configs: `tasks/` of a source checkout, else the copy shipped inside the wheel."""
+    return project_dir("tasks")

@@ -6,23 +6,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffmas_eval.paths import project_dir
+
 BASELINE_COLUMNS = (
-    "method", "backbone", "topology", "task", "paper_task", "metric", "value", "approximate", "source", "table", "note",
+    "method",
+    "backbone",
+    "topology",
+    "task",
+    "paper_task",
+    "metric",
+    "value",
+    "approximate",
+    "source",
+    "table",
+    "note",
 )
 UNSPECIFIED = "unspecified"
-
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def baselines_dir() -> Path:
     """`baselines/` of a source checkout, else the copy shipped inside the wheel (`diffmas_eval/_baselines`)."""
-    checkout = _PACKAGE_DIR.parent / "baselines"
-    if checkout.is_dir() and (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
-        return checkout
-    shipped = _PACKAGE_DIR / "_baselines"
-    if shipped.is_dir():
-        return shipped
-    raise FileNotFoundError(f"no baselines found at {checkout} or {shipped}; pass --baselines DIR or --no-baselines")
+    try:
+        return project_dir("baselines")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or pass --baselines DIR or --no-baselines") from None
 
 
 def load_baselines(directory: Path) -> pd.DataFrame:
