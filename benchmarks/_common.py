@@ -173,7 +173,17 @@ def git_revision() -> str:
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "diffmas_eval", "benchmarks"],
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "diffmas_eval",
+                "benchmarks",
+            ],
             capture_output=True,
             text=True,
             check=True,
