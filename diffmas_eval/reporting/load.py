@@ -362,14 +362,18 @@ def _read_samples(path: Path, result: TaskResult, expected_hash: str | None, log
 
 
 def _resolve_sidecar(run: Run, declared: str) -> Path | None:
-    """The side-car path as recorded, else a file of the same name beside the results file (moved results)."""
+    """The side-car path as recorded, else a file of the same name near the results file (moved results)."""
     candidate = Path(declared)
     if not candidate.is_absolute():
         candidate = run.path.parent / candidate
     if candidate.is_file():
         return candidate
-    beside = run.path.parent / Path(declared).name
-    return beside if beside.is_file() else None
+    # Moved results: the same file name beside the results file, or one level up (`<output_path>/sidecar.jsonl` when
+    # lm-eval put the results in `<output_path>/<model name>/`).
+    for folder in (run.path.parent, run.path.parent.parent):
+        if (folder / Path(declared).name).is_file():
+            return folder / Path(declared).name
+    return None
 
 
 def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | None = None) -> None:
