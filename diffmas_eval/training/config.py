@@ -1,0 +1,218 @@
+"""The training configuration: one flat, printable dataclass; every field has a default and a one-line help.
+
+A run is configured by an optional YAML file (`--config`) whose keys are these field names, then any field given on
+the command line (`--latent_steps 8`) overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("diffmas", "single-agent")
+ADAPTER_MODES = ("shared", "per_role")
+SCHEDULERS = ("constant", "linear", "cosine")
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what `diffmas-train` computes (recorded in the adapter's `diffmas_adapter.json`)."""
+
+    output_dir: str | None = _help("Directory for the adapter, its config and checkpoints (required).")
+    method: str = _help(
+        "`diffmas` (agents + latent trace) or `single-agent` (the LoRA single-agent baseline).", "diffmas"
+    )
+    pretrained: str | None = _help("Backbone: HF dir, hub id or embedded model name (None: embedded default).")
+    dtype: str = _help("Backbone dtype: float32, bfloat16 or float16 (LoRA weights stay float32).", "float32")
+    data: list[str] = _help(
+        "Training sources: train splits (gsm8k, arc_easy, arc_challenge, openbookqa, commonsenseqa, mbpp) and/or "
+        "paths of JSONL files with {question, target[, answer_format, id]}.",
+        factory=lambda: ["arc_easy"],
+    )
+    data_dir: str | None = _help("Benchmark data directory (layout of shared/data); default $DIFFMAS_DATA_DIR.")
+    answer_format: str | None = _help(
+        "Answer format of the targets and of the final agent's instruction (default: each source's evaluation task "
+        "format; `letter` matches the `_mc` tasks)."
+    )
+    max_train_items: int | None = _help("Use a seeded random subset of this many items (after decontamination).")
+    decontaminate: bool = _help("Drop training items that are also evaluation items (recommended).", True)
+    max_length: int | None = _help("Longest total sequence (all agents + target); default the model's context.")
+    skip_too_long: bool = _help("Drop items longer than max_length instead of stopping with an error.", False)
+    topology: str = _help("Agent topology, as in evaluation: sequential or hierarchical.", "sequential")
+    latent_steps: int = _help("m: latent steps per upstream agent (>= 0).", 0)
+    realign: bool = _help("Use the ridge realignment map for latent steps (as the latent-mas model arg).", False)
+    adapters: str = _help("One LoRA adapter `shared` by all roles, or one `per_role`.", "shared")
+    frozen_trace: bool = _help("Build the trace without gradients (the ablation); default coupled.", False)
+    recompute: bool = _help("Recompute activations in the backward pass to bound memory (slower).", False)
+    prompts: str | None = _help("Prompt set name or YAML path (default diffmas-v1), as the backends' model arg.")
+    system_prompt: str | None = _help("Override the prompt set's system message (as the backends' model arg).")
+    enable_thinking: bool | None = _help("Passed to the chat template (as the backends' model arg).")
+    append_eos: bool = _help("Train the final agent to end its turn after the target (end-of-turn token).", True)
+    lora_r: int = _help("LoRA rank.", 8)
+    lora_alpha: float = _help("LoRA alpha (scale = alpha / r).", 16.0)
+    lora_dropout: float = _help("LoRA dropout.", 0.0)
+    lora_target_modules: list[str] = _help(
+        "Module names (suffixes) that get LoRA.", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    learning_rate: float = _help("Peak AdamW learning rate.", 2e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    lr_scheduler: str = _help("Learning-rate schedule after warmup: constant, linear or cosine.", "linear")
+    warmup_steps: int = _help("Linear warmup steps.", 0)
+    max_grad_norm: float = _help("Clip the global gradient norm to this (0: no clipping).", 1.0)
+    per_device_batch_size: int = _help("Examples per process per micro-batch.", 4)
+    grad_accum_steps: int = _help("Micro-batches per optimizer step.", 1)
+    max_steps: int | None = _help("Optimizer steps (default: `epochs` over the data).")
+    epochs: float = _help("Passes over the data when max_steps is not given.", 1.0)
+    seed: int = _help("Seed for adapter init, data subset and data order.", 0)
+    checkpoint_every: int = _help("Write a resumable checkpoint every this many steps (0: only at the end).", 50)
+    keep_checkpoints: int = _help("Keep this many most recent checkpoints.", 2)
+    resume: bool = _help("Continue from the latest checkpoint in output_dir (same data order and optimizer).", False)
+    stop_after_steps: int | None = _help("Stop (after checkpointing) once this step is reached; resume later.")
+    log_every: int = _help("Log to trackers every this many steps.", 10)
+    report_to: str = _help("Tracker through accelerate: none, tensorboard or wandb.", "none")
+    device: str | None = _help("Single-process device (default: CUDA if available); accelerate launch decides.")
+    progress: bool = _help("Show a progress bar (loss, tokens/s, ETA) on the main process.", True)
+
+    def validate(self) -> None:
+        """Raise ValueError with one sentence naming the fix for any bad setting (before any model work)."""
+        checks = [
+            (self.output_dir, "output_dir is required (--output_dir DIR)"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.adapters in ADAPTER_MODES, f"adapters must be one of {', '.join(ADAPTER_MODES)}"),
+            (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}"),
+            (isinstance(self.latent_steps, int) and self.latent_steps >= 0, "latent_steps must be an integer >= 0"),
+            (self.data, "data is empty: name at least one training source"),
+            (self.lora_target_modules, "lora_target_modules is empty: name at least one module, e.g. q_proj"),
+            (self.lora_r > 0, "lora_r must be > 0"),
+            (self.per_device_batch_size > 0 and self.grad_accum_steps > 0, "batch sizes must be > 0"),
+            (self.max_steps is None or self.max_steps > 0, "max_steps must be > 0"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.max_train_items is None or self.max_train_items > 0, "max_train_items must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        from diffmas_eval.prompts import TOPOLOGIES
+
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
+        if self.method == "single-agent" and (self.latent_steps or self.adapters != "shared" or self.frozen_trace):
+            raise ValueError("method=single-agent has no trace: drop latent_steps, frozen_trace and adapters=per_role")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields that may differ between a run and its resumption without changing what is computed.
+RESUME_FREE_FIELDS = frozenset(
+    {
+        "resume",
+        "stop_after_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "report_to",
+        "progress",
+        "device",
+    }
+)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a clear ValueError."""
+    if typing.get_origin(annotation) is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list (YAML list or comma-separated), got {value!r}")
+        return [str(v) for v in value]
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{name} cannot be empty")
+    base = next(a for a in args if a is not type(None)) if args else annotation
+    if isinstance(value, str) and base is not str:
+        value = yaml.safe_load(value)
+    try:
+        if base is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or float(value) != int(value):
+                raise TypeError
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def build_config(overrides: dict[str, Any], yaml_path: str | Path | None = None) -> TrainConfig:
+    """A validated config from an optional YAML file plus overrides (field name -> value or string)."""
+    values: dict[str, Any] = {}
+    types_ = _field_types()
+    if yaml_path is not None:
+        path = Path(yaml_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {yaml_path} does not exist; pass an existing YAML file to --config")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {yaml_path} must be a YAML mapping of field names to values")
+        values.update(loaded)
+    values.update(overrides)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        hints = [
+            f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, list(types_), n=1)) else "")
+            for u in unknown
+        ]
+        raise ValueError(f"unknown training setting(s) {', '.join(hints)}; see `diffmas-train --help`")
+    config = TrainConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+    config.validate()
+    return config
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """`--config FILE` plus one `--<field> VALUE` option per config field (booleans also as bare flags)."""
+    parser = argparse.ArgumentParser(
+        prog="diffmas-train",
+        description="Train a DiffMAS adapter (or the LoRA single-agent baseline) through the multi-agent latent trace.",
+    )
+    parser.add_argument("--config", help="YAML file of settings (field: value); command-line options override it.")
+    types_ = _field_types()
+    for item in dataclasses.fields(TrainConfig):
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{item.metadata['help']} [{default}]"}
+        if bool in typing.get_args(types_[item.name]) or types_[item.name] is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(f"--{item.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(argument_parser().parse_args(argv))
+    yaml_path = args.pop("config", None)
+    return build_config(args, yaml_path)
