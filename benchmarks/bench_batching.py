@@ -59,15 +59,17 @@ def main() -> None:
                 f"{'yes' if speedup >= 3 and same else 'NO'} |"
             )
             del lm
-    md = [
-        f"{args.n} GSM8K problems, greedy, final budget {args.max_gen_toks}, TextMAS upstream budget "
-        f"{args.upstream_budget}, LatentMAS m={args.latent_steps}; median of {args.repeats} interleaved repeats.",
-        "",
-        f"| method | docs/s batch 1 | docs/s batch {args.batch} | ratio | identical outputs | >= 3x |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ]
-    c.write_result(args, "batching", payload, md)
+            # Written after every method, so a run cut short keeps the methods it finished.
+            md = [
+                f"{args.n} GSM8K problems, greedy, final budget {args.max_gen_toks}, TextMAS upstream budget "
+                f"{args.upstream_budget}, LatentMAS m={args.latent_steps}; median of {args.repeats} interleaved "
+                "repeats.",
+                "",
+                f"| method | docs/s batch 1 | docs/s batch {args.batch} | ratio | identical outputs | >= 3x |",
+                "|---|---|---|---|---|---|",
+                *rows,
+            ]
+            c.write_result(args, "batching", payload, md)
 
 
 if __name__ == "__main__":
