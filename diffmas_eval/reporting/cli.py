@@ -16,14 +16,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Leaderboard, cost, decoding stability, paired comparisons and paper baselines from lm-eval "
         "results_*.json (runs identified from each file's own config).",
     )
-    parser.add_argument("results_dirs", nargs="+", type=Path, metavar="RESULTS_DIR",
-                        help="directories searched recursively for results_*.json")
+    parser.add_argument(
+        "results_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_DIR",
+        help="directories searched recursively for results_*.json",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument("--all-runs", action="store_true",
-                        help="keep every rerun of a configuration as its own row (default: newest wins)")
+    parser.add_argument(
+        "--all-runs",
+        action="store_true",
+        help="keep every rerun of a configuration as its own row (default: newest wins)",
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--baselines", type=Path, default=None,
-                       help="directory of published-number CSVs (default: the repository's baselines/)")
+    group.add_argument(
+        "--baselines",
+        type=Path,
+        default=None,
+        help="directory of published-number CSVs (default: the repository's baselines/)",
+    )
     group.add_argument("--no-baselines", action="store_true", help="leave the paper numbers out")
     return parser
 

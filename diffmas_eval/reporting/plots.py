@@ -23,8 +23,16 @@ def domain_averages(scores: pd.DataFrame) -> pd.DataFrame:
     for (row, domain), part in head.groupby(["row", "domain"], sort=False):
         errors = part["stderr"]
         stderr = math.nan if errors.isna().any() else math.sqrt(float((errors**2).sum())) / len(part)
-        records.append({"row": row, "label": part["label"].iloc[0], "domain": domain,
-                        "value": float(part["value"].mean()), "stderr": stderr, "tasks": len(part)})
+        records.append(
+            {
+                "row": row,
+                "label": part["label"].iloc[0],
+                "domain": domain,
+                "value": float(part["value"].mean()),
+                "stderr": stderr,
+                "tasks": len(part),
+            }
+        )
     return pd.DataFrame(records)
 
 
@@ -55,9 +63,14 @@ def plot_domain_bars(scores: pd.DataFrame, out: Path) -> list[Path]:
         part = averages[averages["label"] == label].set_index("domain")
         xs = [d_i + (i - (len(labels) - 1) / 2) * width for d_i, d in enumerate(domains) if d in part.index]
         present = [d for d in domains if d in part.index]
-        ax.bar(xs, [100 * part.loc[d, "value"] for d in present], width,
-               yerr=[100 * part.loc[d, "stderr"] if not math.isnan(part.loc[d, "stderr"]) else 0 for d in present],
-               capsize=3, label=label)
+        ax.bar(
+            xs,
+            [100 * part.loc[d, "value"] for d in present],
+            width,
+            yerr=[100 * part.loc[d, "stderr"] if not math.isnan(part.loc[d, "stderr"]) else 0 for d in present],
+            capsize=3,
+            label=label,
+        )
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("accuracy (%), mean over tasks")
     ax.set_ylim(0, 100)
@@ -88,16 +101,22 @@ def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path)
             point = part[part["label"] == label]
             if point.empty:
                 continue
-            ax.errorbar(point["generated_tokens"], 100 * point["value"], yerr=100 * point["stderr"].fillna(0),
-                        fmt=markers[i % len(markers)], capsize=3, label=label)
+            ax.errorbar(
+                point["generated_tokens"],
+                100 * point["value"],
+                yerr=100 * point["stderr"].fillna(0),
+                fmt=markers[i % len(markers)],
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log")
         ax.set_title(task)
         ax.set_xlabel("generated tokens / problem")
         ax.set_ylabel("accuracy (%)")
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.set_axis_off()
     handles, names = axes[0][0].get_legend_handles_labels()
-    for ax in list(axes.flat)[1:len(tasks)]:
+    for ax in list(axes.flat)[1 : len(tasks)]:
         for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
             if n not in names:
                 handles.append(h)

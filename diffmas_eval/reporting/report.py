@@ -27,22 +27,44 @@ from diffmas_eval.reporting.tables import (
 )
 
 SECTIONS = (
-    ("leaderboard", "Leaderboard",
-     f"Accuracy in % ± stderr (n documents); code tasks show pass_plus, with pass_base in the `(base)` column. "
-     f"Domain and overall averages are unweighted means over the generative tasks a row has (`k/K tasks`), "
-     f"`_mc` (loglikelihood) variants are shown but not averaged. {LIMIT_MARK} = a `--limit`-ed subset."),
-    ("cost", "Cost", "Per problem. Ratios are to the single agent on the same backbone and task (same settings "
-     "preferred). Side-car = per task; config totals = the whole results file."),
-    ("stability", "Decoding stability", "Share of final-agent generations that stopped before the token budget, "
-     "and share with an extractable answer (the tasks' `extracted` metric)."),
+    (
+        "leaderboard",
+        "Leaderboard",
+        f"Accuracy in % ± stderr (n documents); code tasks show pass_plus, with pass_base in the `(base)` column. "
+        f"Domain and overall averages are unweighted means over the generative tasks a row has (`k/K tasks`), "
+        f"`_mc` (loglikelihood) variants are shown but not averaged. {LIMIT_MARK} = a `--limit`-ed subset.",
+    ),
+    (
+        "cost",
+        "Cost",
+        "Per problem. Ratios are to the single agent on the same backbone and task (same settings "
+        "preferred). Side-car = per task; config totals = the whole results file.",
+    ),
+    (
+        "stability",
+        "Decoding stability",
+        "Share of final-agent generations that stopped before the token budget, "
+        "and share with an extractable answer (the tasks' `extracted` metric).",
+    ),
     ("seed_spread", "Spread across seeds", "Configurations run with two or more seeds (accuracy %)."),
-    ("paired", "Paired comparisons", "On the documents both runs scored (matched by doc_id and doc_hash). "
-     "Binary scores: exact McNemar test; other scores: paired permutation test. 95% CI: paired percentile "
-     "bootstrap (10,000 resamples, fixed seed)."),
-    ("paper", "Ours beside the papers", "Same method, backbone, topology and task. ≈ = approximate (secondary "
-     "source); paper topology `unspecified` means the source does not say."),
-    ("paper_only", "Paper numbers without a matching run of ours",
-     "Published numbers (baselines/) for backbones or settings we have not run: not comparable rows, shown apart."),
+    (
+        "paired",
+        "Paired comparisons",
+        "On the documents both runs scored (matched by doc_id and doc_hash). "
+        "Binary scores: exact McNemar test; other scores: paired permutation test. 95% CI: paired percentile "
+        "bootstrap (10,000 resamples, fixed seed).",
+    ),
+    (
+        "paper",
+        "Ours beside the papers",
+        "Same method, backbone, topology and task. ≈ = approximate (secondary "
+        "source); paper topology `unspecified` means the source does not say.",
+    ),
+    (
+        "paper_only",
+        "Paper numbers without a matching run of ours",
+        "Published numbers (baselines/) for backbones or settings we have not run: not comparable rows, shown apart.",
+    ),
 )
 
 
@@ -56,9 +78,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def build_report(
-    result_dirs: Iterable[Path | str], *, all_runs: bool = False, baselines: Path | None = None
-) -> Report:
+def build_report(result_dirs: Iterable[Path | str], *, all_runs: bool = False, baselines: Path | None = None) -> Report:
     """Read results below `result_dirs` and compute every table (nothing is written)."""
     log = WarningLog()
     runs = load_runs(result_dirs, log)
@@ -68,8 +88,13 @@ def build_report(
     cost = cost_frame(rows, log)
     side, only = paper_tables(rows, cost, paper)
     tables = {
-        "leaderboard": leaderboard(rows), "cost": cost_table(cost), "stability": stability_table(rows, cost),
-        "seed_spread": seed_spread_table(rows), "paired": paired_table(rows, log), "paper": side, "paper_only": only,
+        "leaderboard": leaderboard(rows),
+        "cost": cost_table(cost),
+        "stability": stability_table(rows, cost),
+        "seed_spread": seed_spread_table(rows),
+        "paired": paired_table(rows, log),
+        "paper": side,
+        "paper_only": only,
     }
     return Report(tables=tables, tidy={"scores": scores, "cost_numbers": cost}, warnings=log.messages)
 
@@ -110,14 +135,15 @@ def to_latex(report: Report) -> str:
         for char, repl in _LATEX_REPLACEMENTS.items():
             tex = tex.replace(char, repl)
         body.append(f"\\begin{{table}}[h]\\centering\\resizebox{{\\textwidth}}{{!}}{{%\n{tex}}}\\end{{table}}\n")
-    return ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage[utf8]{inputenc}\n"
-            "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage[margin=1.5cm,landscape]{geometry}\n"
-            "\\begin{document}\n" + "\n".join(body) + "\\end{document}\n")
+    return (
+        "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage[utf8]{inputenc}\n"
+        "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage[margin=1.5cm,landscape]{geometry}\n"
+        "\\begin{document}\n" + "\n".join(body) + "\\end{document}\n"
+    )
 
 
 def _latex_escape(text: str) -> str:
-    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                       ("`", "")):
+    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("`", "")):
         text = text.replace(char, repl)
     for char, repl in _LATEX_REPLACEMENTS.items():
         text = text.replace(char, repl)
@@ -136,24 +162,34 @@ img { max-width: 100%; border: 1px solid #ddd; }
 
 def to_html(report: Report, figures: list[Path]) -> str:
     """A self-contained HTML page: inline CSS, tables, PNG figures embedded as data URIs, warnings."""
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             "<title>diffmas-eval report</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-             "<h1>diffmas-eval report</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        "<title>diffmas-eval report</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        "<h1>diffmas-eval report</h1>",
+    ]
     for key, title, caption in SECTIONS:
         frame = report.tables[key]
         parts += [f'<h2 id="{key}">{html.escape(title)}</h2>', f"<p>{html.escape(caption)}</p>"]
-        parts.append(frame.to_html(index=False, escape=True, border=0, na_rep="–") if not frame.empty
-                     else "<p><em>none</em></p>")
+        parts.append(
+            frame.to_html(index=False, escape=True, border=0, na_rep="–") if not frame.empty else "<p><em>none</em></p>"
+        )
     parts.append('<h2 id="figures">Figures</h2>')
     for path in figures:
         if path.suffix == ".png":
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(path.stem)}</figcaption></figure>"
+            )
     parts.append('<h2 id="warnings">Warnings</h2>')
     if report.warnings:
-        parts.append('<ul class="warnings">' + "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings)
-                     + "</ul>")
+        parts.append('<ul class="warnings">' + "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings) + "</ul>")
     else:
         parts.append("<p><em>none</em></p>")
     parts += ["</body>", "</html>"]
@@ -170,8 +206,11 @@ def write_report(report: Report, out: Path) -> list[Path]:
         files.append(path)
     figures = plot_domain_bars(report.tidy["scores"], out)
     figures += plot_accuracy_vs_tokens(report.tidy["scores"], report.tidy["cost_numbers"], out)
-    for name, text in (("report.md", to_markdown(report)), ("report.tex", to_latex(report)),
-                       ("report.html", to_html(report, figures))):
+    for name, text in (
+        ("report.md", to_markdown(report)),
+        ("report.tex", to_latex(report)),
+        ("report.html", to_html(report, figures)),
+    ):
         path = out / name
         path.write_text(text, encoding="utf-8")
         files.append(path)

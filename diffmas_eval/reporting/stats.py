@@ -76,8 +76,12 @@ def paired_compare(
             p_value = 1.0
         else:
             result = stats.permutation_test(
-                (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
-                n_resamples=n_resamples, rng=np.random.default_rng(seed), vectorized=True,
+                (a, b),
+                lambda x, y, axis: np.mean(x - y, axis=axis),
+                permutation_type="samples",
+                n_resamples=n_resamples,
+                rng=np.random.default_rng(seed),
+                vectorized=True,
             )
             p_value = float(result.pvalue)
         test = "paired permutation"
@@ -85,11 +89,23 @@ def paired_compare(
         low = high = float(diff[0]) if a.size >= 2 else float("nan")
     else:
         interval = stats.bootstrap(
-            (diff,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+            (diff,),
+            np.mean,
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            method="percentile",
             rng=np.random.default_rng(seed),
         ).confidence_interval
         low, high = float(interval.low), float(interval.high)
     return PairedComparison(
-        n=int(a.size), mean_a=float(a.mean()), mean_b=float(b.mean()), difference=float(diff.mean()),
-        ci_low=low, ci_high=high, p_value=p_value, test=test, a_only=a_only, b_only=b_only,
+        n=int(a.size),
+        mean_a=float(a.mean()),
+        mean_b=float(b.mean()),
+        difference=float(diff.mean()),
+        ci_low=low,
+        ci_high=high,
+        p_value=p_value,
+        test=test,
+        a_only=a_only,
+        b_only=b_only,
     )

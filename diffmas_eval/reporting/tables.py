@@ -62,8 +62,13 @@ class Row:
     def labels(self) -> dict[str, str]:
         """The row-identifying display columns."""
         backbone = self.backbone.rstrip("/").rsplit("/", 1)[-1]
-        return {"kind": self.kind, "method": self.method, "backbone": backbone, "topology": self.topology,
-                "settings": self.settings}
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "backbone": backbone,
+            "topology": self.topology,
+            "settings": self.settings,
+        }
 
     def short_label(self) -> str:
         """A one-line label for plots and references."""
@@ -135,8 +140,14 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
     method_rank = {m: i for i, m in enumerate(OUR_METHODS)}
     return sorted(
         rows.values(),
-        key=lambda r: (KIND_ORDER.index(r.kind), normalize_backbone(r.backbone), method_rank.get(r.method, 99),
-                       r.method, r.topology, r.settings),
+        key=lambda r: (
+            KIND_ORDER.index(r.kind),
+            normalize_backbone(r.backbone),
+            method_rank.get(r.method, 99),
+            r.method,
+            r.topology,
+            r.settings,
+        ),
     )
 
 
@@ -178,13 +189,25 @@ def scores_frame(rows: list[Row]) -> pd.DataFrame:
                 if metric not in result.metrics:
                     continue
                 mv = result.metrics[metric]
-                records.append({
-                    "row": row_id, "label": row.short_label(), **row.labels(), "seed": row.run.seed,
-                    "task": task, "domain": task_domain(task),
-                    "metric": metric, "headline": metric == result.headline, "value": mv.value,
-                    "stderr": mv.stderr, "n": result.n, "n_original": result.n_original,
-                    "limited": _limited(run, result), "limit": run.limit, "file": str(run.path),
-                })
+                records.append(
+                    {
+                        "row": row_id,
+                        "label": row.short_label(),
+                        **row.labels(),
+                        "seed": row.run.seed,
+                        "task": task,
+                        "domain": task_domain(task),
+                        "metric": metric,
+                        "headline": metric == result.headline,
+                        "value": mv.value,
+                        "stderr": mv.stderr,
+                        "n": result.n,
+                        "n_original": result.n_original,
+                        "limited": _limited(run, result),
+                        "limit": run.limit,
+                        "file": str(run.path),
+                    }
+                )
     return pd.DataFrame(records)
 
 
@@ -228,19 +251,22 @@ def leaderboard(rows: list[Row]) -> pd.DataFrame:
                     if metric in result.metrics:
                         mv = result.metrics[metric]
                         cells[(domain, f"{task} ({metric.replace('pass_', '')})")] = format_score(
-                            mv.value, mv.stderr, result.n, limited)
+                            mv.value, mv.stderr, result.n, limited
+                        )
                 if counts_in_average(task):
                     in_domain.append((head.value, head.stderr, result.n, limited))
             if in_domain:
                 value, stderr, n, limited = _average(in_domain)
                 cells[(domain, f"{domain} avg")] = format_score(
-                    value, stderr, f"{n}, {len(in_domain)}/{len(averaged[domain])} tasks", limited)
+                    value, stderr, f"{n}, {len(in_domain)}/{len(averaged[domain])} tasks", limited
+                )
                 everything.extend(in_domain)
         if everything:
             n_all = sum(len(v) for v in averaged.values())
             value, stderr, n, limited = _average(everything)
-            cells[("overall", "overall avg")] = format_score(value, stderr, f"{n}, {len(everything)}/{n_all} tasks",
-                                                             limited)
+            cells[("overall", "overall avg")] = format_score(
+                value, stderr, f"{n}, {len(everything)}/{n_all} tasks", limited
+            )
         table.append(cells)
     index = pd.MultiIndex.from_tuples([("", c) for c in ROW_COLUMNS] + columns)
     return pd.DataFrame(table, columns=index).fillna(NA)
@@ -259,18 +285,30 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
     for row_id, row in enumerate(rows):
         files_without_sidecar: dict[str, tuple[Run, list[str]]] = {}
         for task, (run, result) in sorted(row.entries.items(), key=lambda kv: task_sort_key(kv[0])):
-            base = {"row": row_id, **row.labels(), "method_raw": row.method, "backbone_key": normalize_backbone(
-                row.backbone), "file": str(run.path)}
+            base = {
+                "row": row_id,
+                **row.labels(),
+                "method_raw": row.method,
+                "backbone_key": normalize_backbone(row.backbone),
+                "file": str(run.path),
+            }
             if result.sidecar is not None:
                 sc = result.sidecar
                 generations = sc["generations"].sum() if "generations" in sc else 0
-                records.append({**base, "task": task, "problems": len(sc), "source": "side-car",
-                                "generated_tokens": _per_problem(sc, "generated_tokens"),
-                                "final_generated_tokens": _per_problem(sc, "final_generated_tokens"),
-                                "latent_steps": _per_problem(sc, "latent_steps"),
-                                "trace_tokens": _per_problem(sc, "trace_tokens"),
-                                "seconds": _per_problem(sc, "wall_seconds"),
-                                "stopped_share": float(sc["stopped"].sum() / generations) if generations else math.nan})
+                records.append(
+                    {
+                        **base,
+                        "task": task,
+                        "problems": len(sc),
+                        "source": "side-car",
+                        "generated_tokens": _per_problem(sc, "generated_tokens"),
+                        "final_generated_tokens": _per_problem(sc, "final_generated_tokens"),
+                        "latent_steps": _per_problem(sc, "latent_steps"),
+                        "trace_tokens": _per_problem(sc, "trace_tokens"),
+                        "seconds": _per_problem(sc, "wall_seconds"),
+                        "stopped_share": float(sc["stopped"].sum() / generations) if generations else math.nan,
+                    }
+                )
             elif run.totals is not None:
                 files_without_sidecar.setdefault(str(run.path), (run, []))[1].append(task)
         for path, (run, _) in files_without_sidecar.items():
@@ -285,16 +323,26 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                 value = totals.get(name)
                 return float(value) / problems if isinstance(value, (int, float)) else math.nan
 
-            records.append({
-                "row": row_id, **row.labels(), "method_raw": row.method,
-                "backbone_key": normalize_backbone(row.backbone), "file": path,
-                "task": "+".join(sorted(run.tasks, key=task_sort_key)), "problems": problems,
-                "source": "config totals", "generated_tokens": per("generated_tokens"),
-                "final_generated_tokens": per("final_generated_tokens"), "latent_steps": per("latent_steps"),
-                "trace_tokens": per("trace_tokens"), "seconds": per("wall_seconds"),
-                "stopped_share": (stopped / (stopped + hit)) if isinstance(stopped, (int, float))
-                and isinstance(hit, (int, float)) and stopped + hit > 0 else math.nan,
-            })
+            records.append(
+                {
+                    "row": row_id,
+                    **row.labels(),
+                    "method_raw": row.method,
+                    "backbone_key": normalize_backbone(row.backbone),
+                    "file": path,
+                    "task": "+".join(sorted(run.tasks, key=task_sort_key)),
+                    "problems": problems,
+                    "source": "config totals",
+                    "generated_tokens": per("generated_tokens"),
+                    "final_generated_tokens": per("final_generated_tokens"),
+                    "latent_steps": per("latent_steps"),
+                    "trace_tokens": per("trace_tokens"),
+                    "seconds": per("wall_seconds"),
+                    "stopped_share": (stopped / (stopped + hit))
+                    if isinstance(stopped, (int, float)) and isinstance(hit, (int, float)) and stopped + hit > 0
+                    else math.nan,
+                }
+            )
     frame = pd.DataFrame(records)
     if frame.empty:
         return frame
@@ -305,8 +353,9 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
         ref = _reference_cost(frame, rows, rec)
         if ref is None:
             continue
-        frame.at[i, "tokens_vs_single"] = rec["generated_tokens"] / ref["generated_tokens"] \
-            if ref["generated_tokens"] else math.nan
+        frame.at[i, "tokens_vs_single"] = (
+            rec["generated_tokens"] / ref["generated_tokens"] if ref["generated_tokens"] else math.nan
+        )
         frame.at[i, "seconds_vs_single"] = rec["seconds"] / ref["seconds"] if ref["seconds"] else math.nan
         frame.at[i, "single_agent_row"] = rows[int(ref["row"])].short_label()
     return frame
@@ -316,14 +365,19 @@ def _reference_score(candidate: Row, row: Row) -> tuple:
     """How well a reference row matches a row's decoding settings (higher is better)."""
     fields = ("max_new_tokens", "enable_thinking", "decoding", "dtype", "topology", "latent_steps", "realign")
     return tuple(int(str(candidate.identity.get(f)) == str(row.identity.get(f))) for f in fields) + (
-        int(str(candidate.run.seed) == str(row.run.seed)),)
+        int(str(candidate.run.seed) == str(row.run.seed)),
+    )
 
 
 def reference_rows(rows: list[Row], row: Row, method: str) -> list[Row]:
     """Rows of `method` (uncontrolled, no adapter) on the same backbone, best settings match first; never `row`."""
     candidates = [
-        r for r in rows
-        if r is not row and r.method == method and r.kind == "method" and not r.identity.get("adapter")
+        r
+        for r in rows
+        if r is not row
+        and r.method == method
+        and r.kind == "method"
+        and not r.identity.get("adapter")
         and normalize_backbone(r.backbone) == normalize_backbone(row.backbone)
         and (method != "latent-mas" or r.topology == row.topology or not row.topology)
     ]
@@ -350,17 +404,21 @@ def cost_table(cost: pd.DataFrame) -> pd.DataFrame:
     def ratio(value: float) -> str:
         return NA if pd.isna(value) else f"{value:.2f}x"
 
-    return pd.DataFrame({
-        **{c: cost[c] for c in ROW_COLUMNS}, "task": cost["task"], "problems": cost["problems"],
-        "generated tokens / problem": cost["generated_tokens"].map(num),
-        "final-agent tokens / problem": cost["final_generated_tokens"].map(num),
-        "latent steps / problem": cost["latent_steps"].map(num),
-        "trace tokens / problem": cost["trace_tokens"].map(num),
-        "seconds / problem": cost["seconds"].map(lambda v: num(v, 2)),
-        "tokens vs single agent": cost["tokens_vs_single"].map(ratio),
-        "seconds vs single agent": cost["seconds_vs_single"].map(ratio),
-        "source": cost["source"],
-    })
+    return pd.DataFrame(
+        {
+            **{c: cost[c] for c in ROW_COLUMNS},
+            "task": cost["task"],
+            "problems": cost["problems"],
+            "generated tokens / problem": cost["generated_tokens"].map(num),
+            "final-agent tokens / problem": cost["final_generated_tokens"].map(num),
+            "latent steps / problem": cost["latent_steps"].map(num),
+            "trace tokens / problem": cost["trace_tokens"].map(num),
+            "seconds / problem": cost["seconds"].map(lambda v: num(v, 2)),
+            "tokens vs single agent": cost["tokens_vs_single"].map(ratio),
+            "seconds vs single agent": cost["seconds_vs_single"].map(ratio),
+            "source": cost["source"],
+        }
+    )
 
 
 def stability_table(rows: list[Row], cost: pd.DataFrame) -> pd.DataFrame:
@@ -378,15 +436,29 @@ def stability_table(rows: list[Row], cost: pd.DataFrame) -> pd.DataFrame:
                     source = "side-car" if not exact.empty else "config totals (whole file)"
             extracted = result.metrics.get("extracted")
             head = result.metrics[result.headline]
-            records.append({
-                **row.labels(), "task": task, "n": result.n,
-                "stopped before budget": _pct(None if pd.isna(stopped) else float(stopped)),
-                "stopping source": source if not pd.isna(stopped) else NA,
-                "extractable answer": _pct(extracted.value if extracted else None),
-                "accuracy": format_score(head.value, head.stderr, result.n, _limited(run, result)),
-            })
-    return pd.DataFrame(records, columns=[*ROW_COLUMNS, "task", "n", "stopped before budget", "stopping source",
-                                          "extractable answer", "accuracy"])
+            records.append(
+                {
+                    **row.labels(),
+                    "task": task,
+                    "n": result.n,
+                    "stopped before budget": _pct(None if pd.isna(stopped) else float(stopped)),
+                    "stopping source": source if not pd.isna(stopped) else NA,
+                    "extractable answer": _pct(extracted.value if extracted else None),
+                    "accuracy": format_score(head.value, head.stderr, result.n, _limited(run, result)),
+                }
+            )
+    return pd.DataFrame(
+        records,
+        columns=[
+            *ROW_COLUMNS,
+            "task",
+            "n",
+            "stopped before budget",
+            "stopping source",
+            "extractable answer",
+            "accuracy",
+        ],
+    )
 
 
 def seed_spread_table(rows: list[Row]) -> pd.DataFrame:
@@ -400,16 +472,27 @@ def seed_spread_table(rows: list[Row]) -> pd.DataFrame:
             continue
         tasks = sorted({t for r in group for t in r.entries}, key=task_sort_key)
         for task in tasks:
-            values = [(r.run.seed, r.entries[task][1].metrics[r.entries[task][1].headline].value)
-                      for r in group if task in r.entries]
+            values = [
+                (r.run.seed, r.entries[task][1].metrics[r.entries[task][1].headline].value)
+                for r in group
+                if task in r.entries
+            ]
             if len(values) < 2:
                 continue
             accs = np.array([v for _, v in values])
             labels = group[0].labels()
             labels["settings"] = ", ".join(p for p in labels["settings"].split(", ") if not p.startswith("seed="))
-            records.append({**labels, "task": task, "seeds": ", ".join(str(s) for s, _ in values),
-                            "mean": _pct(float(accs.mean())), "std across seeds": _pct(float(accs.std(ddof=1))),
-                            "min": _pct(float(accs.min())), "max": _pct(float(accs.max()))})
+            records.append(
+                {
+                    **labels,
+                    "task": task,
+                    "seeds": ", ".join(str(s) for s, _ in values),
+                    "mean": _pct(float(accs.mean())),
+                    "std across seeds": _pct(float(accs.std(ddof=1))),
+                    "min": _pct(float(accs.min())),
+                    "max": _pct(float(accs.max())),
+                }
+            )
     return pd.DataFrame(records, columns=[*ROW_COLUMNS, "task", "seeds", "mean", "std across seeds", "min", "max"])
 
 
@@ -436,19 +519,42 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                         log.warn(ref.entries[task][0].path, f"task {task}: no document shared with {row.short_label()}")
                         continue
                     cmp = paired_compare(joined[metric].to_numpy(), joined[f"{metric}_ref"].to_numpy())
-                    records.append({
-                        **row.labels(), "task": task, "versus": ref.short_label(), "vs_method": ref_method,
-                        "shared docs": cmp.n, "ours": _pct(cmp.mean_a), "reference": _pct(cmp.mean_b),
-                        "difference (pp)": f"{100 * cmp.difference:+.1f}",
-                        "95% CI (pp)": f"[{100 * cmp.ci_low:+.1f}, {100 * cmp.ci_high:+.1f}]",
-                        "p-value": f"{cmp.p_value:.3g}", "test": cmp.test,
-                        "discordant (ours only / ref only)":
-                            NA if cmp.a_only is None else f"{cmp.a_only} / {cmp.b_only}",
-                    })
+                    records.append(
+                        {
+                            **row.labels(),
+                            "task": task,
+                            "versus": ref.short_label(),
+                            "vs_method": ref_method,
+                            "shared docs": cmp.n,
+                            "ours": _pct(cmp.mean_a),
+                            "reference": _pct(cmp.mean_b),
+                            "difference (pp)": f"{100 * cmp.difference:+.1f}",
+                            "95% CI (pp)": f"[{100 * cmp.ci_low:+.1f}, {100 * cmp.ci_high:+.1f}]",
+                            "p-value": f"{cmp.p_value:.3g}",
+                            "test": cmp.test,
+                            "discordant (ours only / ref only)": NA
+                            if cmp.a_only is None
+                            else f"{cmp.a_only} / {cmp.b_only}",
+                        }
+                    )
                     break
-    return pd.DataFrame(records, columns=[*ROW_COLUMNS, "task", "versus", "vs_method", "shared docs", "ours",
-                                          "reference", "difference (pp)", "95% CI (pp)", "p-value", "test",
-                                          "discordant (ours only / ref only)"])
+    return pd.DataFrame(
+        records,
+        columns=[
+            *ROW_COLUMNS,
+            "task",
+            "versus",
+            "vs_method",
+            "shared docs",
+            "ours",
+            "reference",
+            "difference (pp)",
+            "95% CI (pp)",
+            "p-value",
+            "test",
+            "discordant (ours only / ref only)",
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ paper numbers
@@ -468,31 +574,59 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
             continue
         for task, (run, result) in sorted(row.entries.items(), key=lambda kv: task_sort_key(kv[0])):
             metric = result.headline
-            matches = matching_baselines(baselines, method=row.method, backbone=row.backbone,
-                                         topology=row.topology or None, task=task, metric=metric)
+            matches = matching_baselines(
+                baselines,
+                method=row.method,
+                backbone=row.backbone,
+                topology=row.topology or None,
+                task=task,
+                metric=metric,
+            )
             head = result.metrics[metric]
             used.update(matches.index)
             if row.method == "single-agent":  # one number printed in several tables: show it once
                 matches = matches.drop_duplicates(subset=["value", "source"]).assign(topology="any (single agent)")
             for _, rec in matches.iterrows():
-                records.append({**row.labels(), "task": task, "metric": metric,
-                                "ours": format_score(head.value, head.stderr, result.n, _limited(run, result)),
-                                "paper": _paper_value(rec), "paper topology": rec["topology"],
-                                "paper table": f"{rec['source']}, {rec['table']}", "note": rec["note"]})
+                records.append(
+                    {
+                        **row.labels(),
+                        "task": task,
+                        "metric": metric,
+                        "ours": format_score(head.value, head.stderr, result.n, _limited(run, result)),
+                        "paper": _paper_value(rec),
+                        "paper topology": rec["topology"],
+                        "paper table": f"{rec['source']}, {rec['table']}",
+                        "note": rec["note"],
+                    }
+                )
             sidecar_cost = cost[(cost["row"] == row_id) & (cost["task"] == task)] if not cost.empty else cost
             if sidecar_cost.empty:
                 continue
-            tokens = matching_baselines(baselines, method=row.method, backbone=row.backbone,
-                                        topology=row.topology or None, task=task,
-                                        metric="generated_tokens_per_problem")
+            tokens = matching_baselines(
+                baselines,
+                method=row.method,
+                backbone=row.backbone,
+                topology=row.topology or None,
+                task=task,
+                metric="generated_tokens_per_problem",
+            )
             for idx, rec in tokens.iterrows():
                 used.add(idx)
-                records.append({**row.labels(), "task": task, "metric": "generated tokens / problem",
-                                "ours": f"{sidecar_cost.iloc[0]['generated_tokens']:,.0f}",
-                                "paper": _paper_value(rec, percent=False), "paper topology": rec["topology"],
-                                "paper table": f"{rec['source']}, {rec['table']}", "note": rec["note"]})
-    side = pd.DataFrame(records, columns=[*ROW_COLUMNS, "task", "metric", "ours", "paper", "paper topology",
-                                          "paper table", "note"])
+                records.append(
+                    {
+                        **row.labels(),
+                        "task": task,
+                        "metric": "generated tokens / problem",
+                        "ours": f"{sidecar_cost.iloc[0]['generated_tokens']:,.0f}",
+                        "paper": _paper_value(rec, percent=False),
+                        "paper topology": rec["topology"],
+                        "paper table": f"{rec['source']}, {rec['table']}",
+                        "note": rec["note"],
+                    }
+                )
+    side = pd.DataFrame(
+        records, columns=[*ROW_COLUMNS, "task", "metric", "ours", "paper", "paper topology", "paper table", "note"]
+    )
     rest = baselines.drop(index=list(used)) if not baselines.empty else baselines
     if rest.empty:
         return side, pd.DataFrame()
@@ -500,8 +634,13 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
         shown=[_paper_value(r, percent=r["metric"] != "generated_tokens_per_problem") for _, r in rest.iterrows()],
         order=rest["task"].map(task_sort_key),
     ).sort_values("order", kind="stable")
-    only = rest.pivot_table(index=["table", "metric", "backbone", "topology", "method"], columns="task",
-                            values="shown", aggfunc=lambda s: " / ".join(s), sort=False).fillna(NA)
+    only = rest.pivot_table(
+        index=["table", "metric", "backbone", "topology", "method"],
+        columns="task",
+        values="shown",
+        aggfunc=lambda s: " / ".join(s),
+        sort=False,
+    ).fillna(NA)
     only = only[[t for t in sorted(only.columns, key=task_sort_key)]].reset_index()
     only.columns.name = None
     return side, only
