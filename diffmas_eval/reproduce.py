@@ -95,7 +95,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"reproduction config {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
-    unknown = set(config) - _TOP_KEYS
+    unknown = set(config) - _TOP_KEYS - {"_dir"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     if not config.get("runs") or not config.get("tasks"):
@@ -109,6 +109,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if run["name"] in names:
             raise ValueError(f"{path}: run name {run['name']!r} is used twice")
         names.add(run["name"])
+    config["_dir"] = str(path.resolve().parent)
     return config
 
 
@@ -133,6 +134,8 @@ def plan(
         if chosen_backbone:
             model_args["pretrained"] = chosen_backbone
         adapter = model_args.get("adapter")
+        if adapter and not Path(adapter).is_absolute():  # relative to the config file, never to the working directory
+            adapter = model_args["adapter"] = str((Path(config.get("_dir", ".")) / adapter).resolve())
         if adapter and not Path(adapter).is_dir():
             raise FileNotFoundError(
                 f"run {run['name']!r}: adapter {adapter} does not exist; train it first "

@@ -289,3 +289,18 @@ def test_lora_single_agent_control_loads_a_shared_adapter(tiny_model_dir, adapte
     assert tuned.get_model_info()["diffmas"]["adapter"] == str(adapters[False])
     with pytest.raises(ValueError, match="one adapter per role"):
         _make("single-agent", {"adapter": str(adapters[True])}, tiny_model_dir, adapters, tmp_path / "c")
+
+
+def test_diffmas_evaluates_as_trained_unless_told_otherwise(tiny_model_dir, adapters, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "trained"
+    shutil.copytree(adapters[False], adapter)
+    config = json.loads((adapter / "diffmas_adapter.json").read_text())
+    (adapter / "diffmas_adapter.json").write_text(json.dumps({**config, "latent_steps": 3, "realign": True}))
+    common = {"pretrained": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "adapter": str(adapter)}
+    lm = DiffMASLM(**common, sidecar=str(tmp_path / "a.jsonl"))
+    assert lm.method.latent_steps == 3 and lm.method.realign is True
+    with pytest.warns(UserWarning, match="trained with latent_steps=3"):
+        other = DiffMASLM(**common, latent_steps=1, sidecar=str(tmp_path / "b.jsonl"))
+    assert other.method.latent_steps == 1

@@ -114,3 +114,17 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0 and second.stdout.count(": done") == 2
+
+
+def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "adapters" / "a").mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    config = {
+        "runs": [{"name": "d", "model": "diffmas", "model_args": {"adapter": "../adapters/a"}}],
+        "tasks": ["mas_gsm8k"],
+    }
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # a working directory from which "../adapters/a" does not exist
+    (piece,) = plan(load_config(path), tmp_path / "out")
+    assert piece.model_args["adapter"] == str((tmp_path / "adapters" / "a").resolve())

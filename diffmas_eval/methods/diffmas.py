@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,18 @@ class DiffMAS(LatentMAS):
                 "diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
                 "method would silently be LatentMAS, so use --model latent-mas for that"
             )
+        trained = read_adapter_config(adapter)
+        # Evaluate as trained unless told otherwise: m and realignment default to the adapter's training values.
+        for key in ("latent_steps", "realign"):
+            if key not in kwargs and trained.get(key) is not None:
+                kwargs[key] = trained[key]
+        for key in ("latent_steps", "realign", "topology"):
+            if trained.get(key) is not None and kwargs.get(key, trained[key]) != trained[key]:
+                warnings.warn(
+                    f"adapter {adapter} was trained with {key}={trained[key]!r} but is evaluated with "
+                    f"{key}={kwargs[key]!r}",
+                    stacklevel=2,
+                )
         super().__init__(backbone, prompts, **kwargs)
         self.adapter = str(adapter)
         self.adapter_config = attach_adapter(backbone, adapter)
