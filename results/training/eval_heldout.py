@@ -3,8 +3,7 @@
 
 Each item's context is the task's bare question with `A. ...` option lines (`benchmarks.sources`), the continuations
 are the option letters, `answer_format=letter`; accuracy = the gold letter has the highest log-likelihood (lm-eval's
-`acc`). The LoRA single agent is evaluated by attaching its adapter to the `single-agent` backend's backbone (that
-backend has no `adapter=` model arg yet).
+`acc`). The LoRA single agent is the `single-agent` backend with `adapter=DIR`.
 
     python results/training/eval_heldout.py --condition diffmas --adapter DIR --limit 200 --out FILE.json
 """
@@ -21,15 +20,14 @@ from lm_eval.api.instance import Instance
 
 from diffmas_eval.benchmarks.sources import load_rows
 from diffmas_eval.lm_backend import BACKENDS
-from diffmas_eval.methods.diffmas import attach_adapter
 
 CONDITIONS = {
-    # condition -> (lm-eval model name, needs an adapter, attach it to a single agent ourselves)
-    "diffmas": ("diffmas", True, False),
-    "diffmas-frozen": ("diffmas", True, False),
-    "single-agent-lora": ("single-agent", True, True),
-    "latent-mas": ("latent-mas", False, False),
-    "single-agent": ("single-agent", False, False),
+    # condition -> (lm-eval model name, needs an adapter)
+    "diffmas": ("diffmas", True),
+    "diffmas-frozen": ("diffmas", True),
+    "single-agent-lora": ("single-agent", True),
+    "latent-mas": ("latent-mas", False),
+    "single-agent": ("single-agent", False),
 }
 
 
@@ -45,17 +43,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    model, needs_adapter, attach_to_single = CONDITIONS[args.condition]
+    model, needs_adapter = CONDITIONS[args.condition]
     if needs_adapter and not args.adapter:
         parser.error(f"--condition {args.condition} needs --adapter DIR")
     model_args = {"dtype": args.dtype, "batch_size": args.batch_size, "seed": 1234}
     if model in ("diffmas", "latent-mas"):
         model_args["latent_steps"] = args.latent_steps
-    if model == "diffmas":
+    if needs_adapter:
         model_args["adapter"] = args.adapter
     lm = BACKENDS[model](**model_args)
-    if attach_to_single:
-        attach_adapter(lm.backbone, args.adapter)
 
     docs = load_rows(args.benchmark)[: args.limit]
     requests = []
