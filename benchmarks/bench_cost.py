@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--upstream-budget", type=int, default=256, help="max_new_tokens of TextMAS upstream agents")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"subset of {list(CONFIGS)}")
+    p.add_argument("--summarize-only", action="store_true", help="write the summary of the chunks already logged")
     p.set_defaults(n=32)
     args = p.parse_args()
     unknown = set(args.configs) - set(CONFIGS)
@@ -60,7 +61,7 @@ def main() -> None:
     sidecars.mkdir(exist_ok=True)
     backends = {}
     chunks = [list(range(s, min(s + args.batch_size, args.n))) for s in range(0, args.n, args.batch_size)]
-    for k, chunk in enumerate(chunks):
+    for k, chunk in enumerate([] if args.summarize_only else chunks):
         order = args.configs[k % len(args.configs) :] + args.configs[: k % len(args.configs)]
         for name in order:
             if (name, k) in done:
