@@ -20,7 +20,7 @@ from diffmas_eval.methods.diffmas import attach_adapter
 from diffmas_eval.training.config import build_config, parse_args
 from diffmas_eval.training.data import prepare_items
 from diffmas_eval.training.lora import attach_lora
-from diffmas_eval.training.trainer import TRAIN_LOG, build_method, train
+from diffmas_eval.training.trainer import TRAIN_LOG, build_loss, build_method, train
 from diffmas_eval.training.unroll import TraceLoss, encode_items
 
 ITEMS = [
@@ -82,17 +82,6 @@ def fresh_lora(backbone, method, config):
     )
 
 
-def loss_for(backbone, method, config) -> TraceLoss:
-    return TraceLoss(
-        backbone,
-        method,
-        latent_steps=config.latent_steps,
-        per_role=config.adapters == "per_role",
-        frozen_trace=config.frozen_trace,
-        recompute=config.recompute,
-    )
-
-
 @pytest.mark.parametrize("settings", [{"latent_steps": 0}, {"latent_steps": 2, "adapters": "per_role"}])
 def test_fresh_adapter_is_exact_noop(tmp_path, tiny_model_dir, data_file, settings):
     config = make_config(tmp_path, tiny_model_dir, data_file, **settings)
@@ -103,7 +92,7 @@ def test_fresh_adapter_is_exact_noop(tmp_path, tiny_model_dir, data_file, settin
         )
         before = plain(examples)
         fresh_lora(backbone, method, config)
-        after = loss_for(backbone, method, config)(examples)
+        after = build_loss(backbone, method, config)(examples)
     assert torch.equal(before, after)
 
 
@@ -136,7 +125,7 @@ def test_gradient_reaches_the_adapter_through_upstream_positions_only_when_coupl
         )
         backbone, method, examples = trainable_pieces(tiny_model_dir, data_file, config)
         trainable = fresh_lora(backbone, method, config)
-        loss_for(backbone, method, config)(examples).sum().backward()
+        build_loss(backbone, method, config)(examples).sum().backward()
         grads[frozen] = {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for n, p in trainable}
     planner = [n for n in grads[False] if ".planner." in n and "lora_B" in n]
     judger = [n for n in grads[False] if ".judger." in n and "lora_B" in n]
@@ -153,7 +142,7 @@ def test_shared_adapter_coupled_gradient_exceeds_frozen_by_the_upstream_part(tmp
         config = make_config(tmp_path, tiny_model_dir, data_file, latent_steps=0, frozen_trace=frozen)
         backbone, method, examples = trainable_pieces(tiny_model_dir, data_file, config)
         trainable = fresh_lora(backbone, method, config)
-        loss = loss_for(backbone, method, config)
+        loss = build_loss(backbone, method, config)
         assert loss.formulation == ("unroll" if frozen else "single_sequence")
         loss(examples).sum().backward()
         flat[frozen] = torch.cat([p.grad.flatten() for _, p in trainable])
@@ -203,8 +192,8 @@ def test_training_loss_equals_backend_negative_loglikelihood(tmp_path, tiny_mode
     examples = encode_items(lm.backbone, method, items, append_eos=False)
     with torch.no_grad():
         got = (
-            loss_for(lm.backbone, method, config)(examples[:5]).tolist()
-            + loss_for(lm.backbone, method, config)(examples[5:]).tolist()
+            build_loss(lm.backbone, method, config)(examples[:5]).tolist()
+            + build_loss(lm.backbone, method, config)(examples[5:]).tolist()
         )
     assert got == pytest.approx(expected, abs=1e-4)
     assert max(expected) > 0

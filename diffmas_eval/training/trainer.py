@@ -66,6 +66,18 @@ def build_method(backbone: Any, config: TrainConfig) -> Method:
     )
 
 
+def build_loss(backbone: Any, method: Method, config: TrainConfig) -> TraceLoss:
+    """The training loss for `method` with the config's m, adapter layout, trace coupling and recompute."""
+    return TraceLoss(
+        backbone,
+        method,
+        latent_steps=config.latent_steps,
+        per_role=config.adapters == "per_role",
+        frozen_trace=config.frozen_trace,
+        recompute=config.recompute,
+    )
+
+
 class _Permutations:
     """Item indices of each optimizer step: a seeded permutation per epoch, epochs concatenated."""
 
@@ -223,14 +235,7 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
         dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
     )
-    loss_fn = TraceLoss(
-        backbone,
-        method,
-        latent_steps=config.latent_steps,
-        per_role=config.adapters == "per_role",
-        frozen_trace=config.frozen_trace,
-        recompute=config.recompute,
-    )
+    loss_fn = build_loss(backbone, method, config)
     if config.recompute and loss_fn.single_sequence:
         backbone.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.model.train()
