@@ -361,3 +361,19 @@ def test_side_car_keeps_this_runs_last_line_per_request_and_skips_cut_lines(tmp_
     columns = ["generated tokens / problem", "seconds / problem", "trace tokens / problem"]
     assert resumed.tables["cost"][columns].equals(original.tables["cost"][columns])
     assert any("unreadable side-car line" in w for w in resumed.warnings)
+
+
+def test_side_car_documents_beyond_a_limited_run_are_not_counted(tmp_path):
+    import json
+    import shutil
+
+    original = build_report([FIXTURES / "good" / "results-b"])
+    work = tmp_path / "results-b"
+    shutil.copytree(FIXTURES / "good" / "results-b", work)
+    (sidecar,) = work.glob("sidecar_*.jsonl")
+    lines = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    # The same side-car earlier served a run with a larger --limit: documents this run never scored.
+    extra = [dict(line, doc_id=1000 + int(line["doc_id"]), wall_seconds=1e6) for line in lines]
+    sidecar.write_text("".join(json.dumps(line) + "\n" for line in lines + extra))
+    columns = ["generated tokens / problem", "seconds / problem"]
+    assert build_report([work]).tables["cost"][columns].equals(original.tables["cost"][columns])

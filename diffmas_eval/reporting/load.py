@@ -423,6 +423,9 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | Non
     frame = pd.DataFrame([{"task": t, "doc_id": d, **vals} for (t, d), vals in per_doc.items()])
     for task, result in run.tasks.items():
         part = frame[frame["task"] == task] if not frame.empty else frame
+        # A side-car reused across --limit values holds more documents than this run scored: the first n count.
+        if not part.empty and len(part) > result.n:
+            part = part[pd.to_numeric(part["doc_id"], errors="coerce") < result.n]
         if part.empty:
             log.warn(path, f"no side-car lines for task {task}; its cost comes from config totals")
             continue
