@@ -156,6 +156,7 @@ def generate(
         if not any(active) or step == config.max_new_tokens - 1:
             break
         feed = torch.tensor(chosen, dtype=torch.long, device=mask.device)[:, None]
+        trace.reserve(config.max_new_tokens - 1 - step)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         logits = backbone.model(

@@ -71,7 +71,8 @@ def run_latent_steps(
         (trace, last hidden state `[B, D]`).
     """
     ones = torch.ones((trace.batch_size, 1), dtype=trace.mask.dtype, device=trace.mask.device)
-    for _ in range(steps):
+    for step in range(steps):
+        trace.reserve(steps - step)
         embedding = aligner(hidden)
         if record is not None:
             record.append(embedding.detach())

@@ -1,0 +1,97 @@
+"""KV traces: reserved room is written in place, exactly as `torch.cat` would build it, and never shared by forks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmas_eval.core.backbone import load_backbone
+from diffmas_eval.core.decode import DecodingConfig, generate
+from diffmas_eval.core.trace import RESERVE_MIN, KVTrace, ReservableLayer, append_prompts, extend_trace
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_model_dir):
+    return load_backbone(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def _trace(backbone) -> KVTrace:
+    trace, _ = append_prompts(backbone, None, PROMPTS, output="hidden")
+    return trace
+
+
+def _step(backbone, trace: KVTrace, token: int) -> tuple[KVTrace, torch.Tensor]:
+    ids = torch.full((trace.batch_size, 1), token)
+    return extend_trace(backbone, trace, torch.ones_like(ids), input_ids=ids, output="logits")
+
+
+def _storage_positions(layer: ReservableLayer) -> int:
+    return layer.keys.untyped_storage().nbytes() // (layer.keys[:, :, :1].numel() * layer.keys.element_size())
+
+
+@torch.no_grad()
+def test_in_place_steps_equal_concatenated_steps(backbone):
+    reserved, plain = _trace(backbone), _trace(backbone)
+    for step in range(12):
+        reserved.reserve(12 - step)
+        reserved, reserved_logits = _step(backbone, reserved, 20 + step)
+        plain, plain_logits = _step(backbone, plain, 20 + step)
+        torch.testing.assert_close(reserved_logits, plain_logits, rtol=0, atol=0)
+    for a, b in zip(reserved.cache.layers, plain.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert all(layer.room() == 0 for layer in reserved.cache.layers)
+    # the loop ran to its budget, so no spare position is held
+    assert all(_storage_positions(layer) == layer.keys.shape[-2] for layer in reserved.cache.layers)
+
+
+@torch.no_grad()
+def test_generate_is_identical_with_and_without_reserved_room(backbone, monkeypatch):
+    config = DecodingConfig(max_new_tokens=20)
+    with_room = generate(backbone, PROMPTS, None, config)
+    monkeypatch.setattr(KVTrace, "reserve", lambda self, upcoming: None)
+    without_room = generate(backbone, PROMPTS, None, config)
+    assert [g.token_ids for g in with_room] == [g.token_ids for g in without_room]
+
+
+@torch.no_grad()
+def test_room_grows_in_chunks_and_is_capped_by_the_budget(backbone):
+    trace = _trace(backbone)
+    layer = trace.cache.layers[0]
+    length = layer.keys.shape[-2]
+    trace.reserve(10)
+    assert layer.room() == 10  # capped by the loop's remaining budget
+    pointers = set()
+    trace = _trace(backbone)
+    layer = trace.cache.layers[0]
+    for step in range(300):
+        trace.reserve(300 - step)
+        trace, _ = _step(backbone, trace, 30)
+        pointers.add(layer.keys.data_ptr())
+    assert layer.keys.shape[-2] == length + 300
+    assert len(pointers) <= -(-300 // RESERVE_MIN)  # one copy per 64 steps (a cat per step without room)
+
+
+@torch.no_grad()
+def test_a_fork_never_sees_or_writes_the_parents_room(backbone):
+    parent = _trace(backbone)
+    parent.reserve(8)
+    fork = parent.fork()
+    assert all(layer.room() == 0 for layer in fork.cache.layers)
+    before = [layer.keys.clone() for layer in fork.cache.layers]
+    parent, _ = _step(backbone, parent, 40)  # written into the parent's room
+    fork, fork_logits = _step(backbone, fork, 41)  # concatenated into new storage
+    for layer, kept, parent_layer in zip(fork.cache.layers, before, parent.cache.layers, strict=True):
+        assert torch.equal(layer.keys[..., :-1, :], kept)
+        assert layer.keys.data_ptr() != parent_layer.keys.data_ptr()
+        assert not torch.equal(layer.keys[..., -1, :], parent_layer.keys[..., -1, :])
+    _, fresh_logits = _step(backbone, _trace(backbone), 41)
+    torch.testing.assert_close(fork_logits, fresh_logits, rtol=0, atol=0)
+
+
+def test_no_room_is_reserved_while_autograd_records(backbone):
+    trace = _trace(backbone)
+    with torch.enable_grad():
+        trace.reserve(16)
+    assert all(layer.room() == 0 for layer in trace.cache.layers)
