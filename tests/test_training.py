@@ -301,3 +301,19 @@ def test_decontamination_drops_mbpp_plus_tasks(monkeypatch, shared_data_dir):
     assert report.decontaminated == {"mbpp": 115}  # 108 of 120 train tasks and all 7 prompt tasks are in MBPP+
     assert len(items) == 12 and all(item.target.startswith("```python\n") for item in items)
     assert "mbpp_plus" in report.eval_sets_checked
+
+
+def test_balanced_letters_are_uniform_and_keep_each_items_answer(monkeypatch, shared_data_dir):
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(shared_data_dir))
+    kwargs = {"decontaminate_items": True, "max_items": 200, "seed": 3}
+    plain, _ = prepare_items(["arc_easy"], "letter", None, **kwargs)
+    balanced, report = prepare_items(["arc_easy"], "letter", None, balance=True, **kwargs)
+    assert report.decontaminated == {"arc_easy": 3}
+    four = [item for item in balanced if len(item.choices[1]) == 4]
+    counts = {letter: sum(item.target == letter for item in four) for letter in "ABCD"}
+    assert max(counts.values()) - min(counts.values()) <= len(balanced) - len(four) + 1, counts
+    for before, after in zip(plain, balanced, strict=True):
+        (stem, options, gold), (stem_after, options_after, gold_after) = before.choices, after.choices
+        assert before.id == after.id and stem == stem_after and sorted(options) == sorted(options_after)
+        assert options_after[gold_after] == options[gold] and after.target == "ABCDE"[gold_after]
+        assert f"{after.target}. {options[gold]}" in after.question.split("\n")

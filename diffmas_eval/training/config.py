@@ -49,6 +49,11 @@ class TrainConfig:
         "format; `letter` matches the `_mc` tasks)."
     )
     max_train_items: int | None = _help("Use a seeded random subset of this many items (after decontamination).")
+    balance_letters: bool = _help(
+        "Reorder each multiple-choice item's options so the gold letters are uniform (seeded), so the adapter cannot "
+        "learn a letter prior.",
+        False,
+    )
     decontaminate: bool = _help("Drop training items that are also evaluation items (recommended).", True)
     max_length: int | None = _help("Longest total sequence (all agents + target); default the model's context.")
     skip_too_long: bool = _help("Drop items longer than max_length instead of stopping with an error.", False)

@@ -35,6 +35,7 @@ class TrainItem:
     target: str
     answer_format: str | None
     source: str
+    choices: tuple[str, tuple[str, ...], int] | None = None  # choice items: (stem, options, gold index)
 
 
 @dataclass
@@ -108,7 +109,15 @@ def _choice_source(name: str) -> Callable[[Path, str], list[TrainItem]]:
     def load(root: Path, answer_format: str) -> list[TrainItem]:
         rows = sources.NORMALISERS[name](_read_jsonl(_split_file(root, f"{name}/train.jsonl")), "local")
         return [
-            TrainItem(r["id"], r["query"], choice_target(r["gold"], answer_format), answer_format, name) for r in rows
+            TrainItem(
+                r["id"],
+                r["query"],
+                choice_target(r["gold"], answer_format),
+                answer_format,
+                name,
+                (r["question"], tuple(r["options"]), r["letters"].index(r["gold"])),
+            )
+            for r in rows
         ]
 
     return load
@@ -255,6 +264,28 @@ def decontaminate(items: list[TrainItem], data_dir: str | None, report: DataRepo
     return kept
 
 
+def balance_letters(items: list[TrainItem], seed: int) -> list[TrainItem]:
+    """Move each choice item's gold option so the gold letters are as uniform as possible over `items`.
+
+    In a seeded order, the i-th choice item gets its gold option at position `i mod (number of options)`; the other
+    options keep their relative order. Without it a small model's adapter can learn the training set's letter prior
+    (answer the most frequent letter) instead of anything about the questions. Other items are unchanged.
+    """
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    balanced = list(items)
+    for rank, index in enumerate(i for i in order if items[i].choices is not None):
+        item = items[index]
+        stem, options, gold = item.choices
+        others = [option for k, option in enumerate(options) if k != gold]
+        position = rank % len(options)
+        options = (*others[:position], options[gold], *others[position:])
+        target = choice_target(sources.LETTERS[position], item.answer_format)
+        query = sources.format_multiple_choice(stem, options)
+        balanced[index] = TrainItem(item.id, query, target, item.answer_format, item.source, (stem, options, position))
+    return balanced
+
+
 def prepare_items(
     names: list[str],
     answer_format: str | None,
@@ -263,8 +294,10 @@ def prepare_items(
     decontaminate_items: bool,
     max_items: int | None,
     seed: int,
+    balance: bool = False,
 ) -> tuple[list[TrainItem], DataReport]:
-    """Load, decontaminate and subsample (seeded) the training items; an empty result is an error."""
+    """Load, decontaminate, subsample (seeded) and optionally letter-balance the training items; an empty result is
+    an error."""
     items, counts = load_train_items(names, answer_format, data_dir)
     report = DataReport(loaded=counts)
     if decontaminate_items:
@@ -273,4 +306,6 @@ def prepare_items(
         raise ValueError(f"no training items left from {names} (loaded {counts}, dropped {report.decontaminated})")
     if max_items is not None and max_items < len(items):
         items = random.Random(seed).sample(items, max_items)
+    if balance:
+        items = balance_letters(items, seed)
     return items, report

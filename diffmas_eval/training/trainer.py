@@ -159,6 +159,7 @@ def _adapter_record(
             "sources": config.data,
             "answer_format": config.answer_format,
             "max_train_items": config.max_train_items,
+            "balance_letters": config.balance_letters,
             "decontaminate": config.decontaminate,
             "counts": report.as_dict(),
             "items": n,
@@ -214,6 +215,7 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
         decontaminate_items=config.decontaminate,
         max_items=config.max_train_items,
         seed=config.seed,
+        balance=config.balance_letters,
     )
     device = accelerator.device if world > 1 or config.device is None else config.device  # launchers decide
     if backbone is None:
