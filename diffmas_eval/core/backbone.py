@@ -191,6 +191,8 @@ def load_backbone(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from diffmas_eval.core.attention import use_fast_cpu_attention
+
     name, source = locate_pretrained(pretrained)
     torch_dtype = resolve_dtype(dtype)
     try:
@@ -215,6 +217,7 @@ def load_backbone(
         ) from err
     if device_map is None:
         model.to(resolve_device(device))
+    use_fast_cpu_attention(model)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.chat_template is None:
