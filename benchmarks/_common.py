@@ -121,6 +121,41 @@ def forget_finished(lm: Any) -> None:
         finished.clear()
 
 
+class ForwardTimer:
+    """Adds up wall time inside the outermost forward of any hooked module, in total (`seconds`, `calls`) and split by
+    block width (`by_kind`): `prefill` (a block of several positions per row) or `step` (one position per row: a
+    decode or latent step)."""
+
+    def __init__(self, modules: list) -> None:
+        self.depth, self.began, self.seconds, self.calls, self.kind = 0, 0.0, 0.0, 0, "step"
+        self.by_kind = {"prefill": [0.0, 0], "step": [0.0, 0]}  # kind -> [seconds, calls]
+        for module in modules:
+            module.register_forward_pre_hook(self._enter, with_kwargs=True)
+            module.register_forward_hook(self._leave, with_kwargs=True)
+
+    def _enter(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.depth == 0:
+            block = kwargs.get("input_ids")
+            block = kwargs.get("inputs_embeds") if block is None else block
+            block = args[0] if block is None and args else block
+            self.kind = "prefill" if block is not None and block.shape[1] > 1 else "step"
+            self.began = time.perf_counter()
+        self.depth += 1
+
+    def _leave(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            elapsed = time.perf_counter() - self.began
+            self.seconds += elapsed
+            self.calls += 1
+            self.by_kind[self.kind][0] += elapsed
+            self.by_kind[self.kind][1] += 1
+
+    def snapshot(self) -> dict[str, list[float]]:
+        """A copy of `by_kind`, to subtract from a later one."""
+        return {kind: list(values) for kind, values in self.by_kind.items()}
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time every variant `repeats` times, alternating the order each round (ABAB..., then BA...).
 

@@ -8,6 +8,7 @@ batch usually runs to the budget, as in a long-budget evaluation).
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import _common as c
@@ -24,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     c.setup(args)
     requests = c.generate_requests(c.gsm8k_questions(args.n), args.max_gen_toks)
-    payload, rows = {"methods": {}}, []
+    payload, rows, split_rows = {"methods": {}}, [], []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             extra = {"latent_steps": args.latent_steps} if method == "latent-mas" else {}
@@ -32,10 +33,28 @@ def main() -> None:
                 method, args, Path(tmp) / f"{method}.jsonl", max_new_tokens=args.upstream_budget, **extra
             )
 
-            def run(batch_size: int, lm=lm) -> list[str]:
+            timer = c.ForwardTimer([lm.backbone.causal_lm, lm.backbone.decoder])
+            split: dict[str, dict[str, float]] = {}
+
+            def run(batch_size: int, lm=lm, timer=timer, split=split) -> list[str]:
                 lm.batch_size = batch_size
                 c.forget_finished(lm)
-                return lm.generate_until(requests, disable_tqdm=True)
+                before, began = timer.snapshot(), time.perf_counter()
+                outputs = lm.generate_until(requests, disable_tqdm=True)
+                wall = time.perf_counter() - began
+                after = timer.snapshot()
+                (pre_s, pre_n), (step_s, step_n) = (
+                    [after[k][i] - before[k][i] for i in (0, 1)] for k in ("prefill", "step")
+                )
+                split[f"batch {batch_size}"] = {  # the last repeat's split of wall time
+                    "wall_s": wall,
+                    "prefill_s": pre_s,
+                    "prefill_calls": pre_n,
+                    "step_s": step_s,
+                    "step_calls": step_n,
+                    "other_s": wall - pre_s - step_s,
+                }
+                return outputs
 
             times, outputs = c.interleaved(
                 {"batch 1": lambda: run(1), f"batch {args.batch}": lambda: run(args.batch)}, args.repeats
@@ -52,7 +71,16 @@ def main() -> None:
                 "identical_outputs": same,
                 "differing_docs": differing,
                 "target_met": speedup >= 3 and same,
+                "split_last_repeat": split,
+                "generated_tokens": [len(lm.backbone.encode(text)) for text in outputs["batch 1"]],
             }
+            for label, part in split.items():
+                split_rows.append(
+                    f"| {method} | {label} | {part['wall_s']:.1f} | "
+                    f"{part['prefill_s']:.1f} ({part['prefill_calls']}) | "
+                    f"{part['step_s']:.1f} ({part['step_calls']}) | "
+                    f"{1000 * part['step_s'] / max(part['step_calls'], 1):.0f} | {part['other_s']:.1f} |"
+                )
             rows.append(
                 f"| {method} | {docs_per_s['batch 1']:.3f} | {docs_per_s[f'batch {args.batch}']:.3f} | "
                 f"{speedup:.2f}x | {'yes' if same else f'NO (docs {differing})'} | "
@@ -68,6 +96,14 @@ def main() -> None:
                 f"| method | docs/s batch 1 | docs/s batch {args.batch} | ratio | identical outputs | >= 3x |",
                 "|---|---|---|---|---|---|",
                 *rows,
+                "",
+                "Where the time goes (last repeat): forwards of a multi-position block (prompt prefills) vs "
+                "single-position forwards (decode and latent steps), timed around the whole model call; `other` is "
+                "everything else (token choice, bookkeeping, the side-car).",
+                "",
+                "| method | batch | wall s | prefill s (calls) | step s (calls) | ms/step | other s |",
+                "|---|---|---|---|---|---|---|",
+                *split_rows,
             ]
             c.write_result(args, "batching", payload, md)
 

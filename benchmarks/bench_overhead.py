@@ -19,27 +19,6 @@ from pathlib import Path
 import _common as c
 
 
-class ForwardTimer:
-    """Adds up wall time inside the outermost forward of any hooked module."""
-
-    def __init__(self, modules: list) -> None:
-        self.depth, self.began, self.seconds, self.calls = 0, 0.0, 0.0, 0
-        for module in modules:
-            module.register_forward_pre_hook(self._enter)
-            module.register_forward_hook(self._leave)
-
-    def _enter(self, *_: object) -> None:
-        if self.depth == 0:
-            self.began = time.perf_counter()
-        self.depth += 1
-
-    def _leave(self, *_: object) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.seconds += time.perf_counter() - self.began
-            self.calls += 1
-
-
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--max-gen-toks", type=int, default=32)
@@ -67,7 +46,7 @@ def main() -> None:
             )
             if method == "latent-mas":
                 lm.method.aligner  # noqa: B018  (the one-time alignment solve, outside the timed calls)
-            timer = ForwardTimer([lm.backbone.causal_lm, lm.backbone.decoder])
+            timer = c.ForwardTimer([lm.backbone.causal_lm, lm.backbone.decoder])
 
             def generate_until(lm=lm) -> None:
                 c.forget_finished(lm)
