@@ -70,12 +70,13 @@ def main() -> None:
     began = time.perf_counter()
     scores = lm.loglikelihood(requests)
     seconds = time.perf_counter() - began
-    correct, offset = [], 0
+    correct, predictions, offset = [], [], 0
     for doc in docs:
         n = len(doc["letters"])
         logliks = [score for score, _ in scores[offset : offset + n]]
         offset += n
-        correct.append(int(doc["letters"][logliks.index(max(logliks))] == doc["gold"]))
+        predictions.append(doc["letters"][logliks.index(max(logliks))])
+        correct.append(int(predictions[-1] == doc["gold"]))
     acc = sum(correct) / len(correct)
     result = {
         "condition": args.condition,
@@ -89,6 +90,7 @@ def main() -> None:
         "model_args": model_args,
         "wall_seconds": round(seconds, 1),
         "per_item_correct": correct,
+        "per_item_prediction": predictions,
         "ids": [doc["id"] for doc in docs],
         "config": lm.get_model_info()["diffmas"],
     }
