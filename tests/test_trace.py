@@ -95,3 +95,17 @@ def test_no_room_is_reserved_while_autograd_records(backbone):
     with torch.enable_grad():
         trace.reserve(16)
     assert all(layer.room() == 0 for layer in trace.cache.layers)
+
+
+@torch.no_grad()
+def test_rows_with_fewer_continuations_score_as_if_alone(backbone):
+    """A batch where one row has more options than another scores the extra options on a row-selected fork."""
+    from diffmas_eval.core.score import score_continuations
+
+    continuations = [[[30], [31, 32], [33]], [[34]]]
+    batched = score_continuations(backbone, PROMPTS, _trace(backbone), continuations)
+    for row, prompt in enumerate(PROMPTS):
+        alone_trace, _ = append_prompts(backbone, None, [PROMPTS[row]], output="hidden")
+        alone = score_continuations(backbone, [prompt], alone_trace, [continuations[row]])[0]
+        for (batched_score, batched_greedy), (alone_score, alone_greedy) in zip(batched[row], alone, strict=True):
+            assert batched_score == pytest.approx(alone_score, abs=1e-4) and batched_greedy == alone_greedy

@@ -53,6 +53,12 @@ class KVTrace:
                 layer.release_room()
         return KVTrace(cache=cache, mask=self.mask)
 
+    def select_rows(self, rows: torch.Tensor) -> KVTrace:
+        """A fork holding only `rows` (in that order); used for the `other_doc` control and partial scoring batches."""
+        forked = self.fork()
+        forked.cache.batch_select_indices(rows.to(self.mask.device))
+        return KVTrace(cache=forked.cache, mask=self.mask[rows])
+
     def reserve(self, upcoming: int) -> None:
         """Before a single-position extension: make sure there is room to write it in place.
 
