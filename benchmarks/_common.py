@@ -106,6 +106,26 @@ def loglikelihood_requests(items: list[tuple[str, list[str]]], task: str = "arc_
     ]
 
 
+def step_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the step benchmarks: steps per timed run, batch sizes, upstream prompts in the trace."""
+    p = parser(description)
+    p.add_argument("--steps", type=int, default=16, help="k: steps per timed run")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--trace-agents", type=int, default=3, help="upstream prompts prefilled into the trace")
+    p.set_defaults(repeats=repeats)
+    return p
+
+
+def upstream_trace(method: Any, questions: list[str], agents: int) -> Any:
+    """The trace of the first `agents` upstream agents' prompts for `questions` (one row each), prefilled."""
+    from diffmas_eval.core.trace import append_prompts
+
+    trace = None
+    for role in method.upstream_roles[:agents]:
+        trace, _ = append_prompts(method.backbone, trace, [method.render(role, q) for q in questions])
+    return trace
+
+
 def make_backend(method: str, args: argparse.Namespace, sidecar: Path, **kwargs: Any) -> Any:
     """One lm-eval backend of ours (`single-agent`, `text-mas`, `latent-mas`) on CPU, as the CLI would build it."""
     from diffmas_eval.lm_backend import BACKENDS

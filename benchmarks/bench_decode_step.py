@@ -40,18 +40,13 @@ def _attention_alone(backbone, batch: int, length: int, repeats: int) -> dict[st
 
 
 def main() -> None:
-    p = c.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=16, help="k: decode steps per timed run")
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 1])
-    p.add_argument("--trace-agents", type=int, default=3, help="upstream prompts prefilled into the trace")
-    p.set_defaults(repeats=3)
+    p = c.step_parser(__doc__.splitlines()[0], repeats=3)
     args = p.parse_args()
     c.setup(args)
     from diffmas_eval.core import trace as trace_module
     from diffmas_eval.core.attention import NAME as FP32_ATTENTION
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.decode import DecodingConfig, generate
-    from diffmas_eval.core.trace import append_prompts
     from diffmas_eval.methods import LatentMAS
     from diffmas_eval.prompts import load_prompt_set
 
@@ -72,9 +67,7 @@ def main() -> None:
     rows, payload = [], {"steps": args.steps, "repeats": args.repeats, "per_batch": {}}
     for batch in args.batches:
         with torch.inference_mode():
-            trace = None
-            for role in method.upstream_roles[: args.trace_agents]:
-                trace, _ = append_prompts(backbone, trace, [method.render(role, q) for q in questions[:batch]])
+            trace = c.upstream_trace(method, questions[:batch], args.trace_agents)
 
             def decode(room: bool, fp32_attention: bool, trace=trace, batch=batch) -> None:
                 configure(room, fp32_attention)

@@ -18,11 +18,7 @@ import torch
 
 
 def main() -> None:
-    p = c.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=16, help="k: latent / decode steps per timed run")
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 1])
-    p.add_argument("--trace-agents", type=int, default=3, help="upstream prompts prefilled into the trace")
-    p.set_defaults(repeats=5)
+    p = c.step_parser(__doc__.splitlines()[0], repeats=5)
     args = p.parse_args()
     c.setup(args)
     from diffmas_eval.core.backbone import load_backbone
@@ -42,9 +38,7 @@ def main() -> None:
     payload = {"steps": args.steps, "repeats": args.repeats, "per_batch": {}}
     for batch in args.batches:
         with torch.inference_mode():
-            trace = None
-            for role in method.upstream_roles[: args.trace_agents]:
-                trace, hidden = append_prompts(backbone, trace, [method.render(role, q) for q in questions[:batch]])
+            trace = c.upstream_trace(method, questions[:batch], args.trace_agents)
 
             def latent(aligner, trace=trace, batch=batch):
                 fork, h = append_prompts(backbone, trace.fork(), [token] * batch, output="hidden")
