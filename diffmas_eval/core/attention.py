@@ -1,11 +1,13 @@
-"""Attention for 16-bit models on CPU: single-position queries (decode and latent steps) run SDPA in float32.
+"""Attention on CPU: one-position queries (decode and latent steps) of GQA models take transformers' packed path.
 
-PyTorch's CPU flash-attention kernel is far slower in bfloat16 than in float32 for one query position. Measured with
-the default model's shapes (9 query heads, 3 KV heads x 64, 700 cached positions, 1 thread): batch 8 takes 11.1 ms
-in bf16 against 2.4 ms in fp32 (batch 1: 2.0 ms against 0.1 ms), so attention was 75% of a bf16 batch-8 decode step.
-Upcasting q, k and v for those calls costs one conversion of the cached keys and values, and computes what fp32
-attention over the bf16 inputs computes (at least as accurate as the bf16 kernel). Multi-position blocks (prompt
-prefills, training sequences) keep the 16-bit kernel, which is fast there. On other devices nothing changes.
+transformers' `sdpa` attention passes `enable_gqa=True` to `scaled_dot_product_attention` when there is no attention
+mask (a batch without padding, e.g. batch size 1), and otherwise, for a single query position, packs the query heads
+that share a key/value head into the query-length axis. On CPU the `enable_gqa` kernel is far slower for one query
+position, worst in bfloat16. Measured with the default model's shapes (9 query heads, 3 KV heads x 64, 473 cached
+positions, 1 thread, `benchmarks/bench_decode_step.py` prints it): batch 8, bf16 7.0 ms vs 0.57 ms packed; fp32 1.2
+vs 0.6 ms. So a bf16 decode step of an unpadded batch spent most of its time in attention. Giving those calls an
+all-true mask makes transformers take the packed path; the result is the same attention. Multi-position blocks
+(prefills, training sequences), where `enable_gqa` is as fast or faster, and other devices are left alone.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "diffmas_sdpa"
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def sdpa_single_query_fp32(
+def sdpa_packed_single_query(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -29,29 +30,25 @@ def sdpa_single_query_fp32(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, with one-position queries of 16-bit CPU tensors computed in float32."""
-    if query.shape[2] != 1 or query.device.type != "cpu" or query.dtype not in HALF_DTYPES:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    output, weights = sdpa_attention_forward(
-        module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-    )
-    return output.to(query.dtype), weights
+    """transformers' SDPA attention; on CPU a one-position query of a GQA model without a mask gets an all-true
+    mask, so the query heads are packed instead of using the slow `enable_gqa` kernel."""
+    if (
+        attention_mask is None
+        and query.shape[2] == 1
+        and query.device.type == "cpu"
+        and getattr(module, "num_key_value_groups", 1) > 1
+    ):
+        attention_mask = torch.ones((query.shape[0], 1, 1, key.shape[2]), dtype=torch.bool, device=query.device)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, sdpa_single_query_fp32)
+AttentionInterface.register(NAME, sdpa_packed_single_query)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
 def use_fast_cpu_attention(model: Any) -> bool:
-    """Switch a 16-bit model on CPU from `sdpa` to `sdpa_single_query_fp32`; returns whether it switched."""
-    parameter = next(model.parameters())
-    if (
-        getattr(model.config, "_attn_implementation", None) == "sdpa"
-        and parameter.device.type == "cpu"
-        and parameter.dtype in HALF_DTYPES
-    ):
+    """Switch a model on CPU from `sdpa` to `sdpa_packed_single_query`; returns whether it switched."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and next(model.parameters()).device.type == "cpu":
         model.set_attn_implementation(NAME)
         return True
     return False
