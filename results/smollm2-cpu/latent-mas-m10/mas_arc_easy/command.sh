@@ -1,0 +1,1 @@
+diffmas-eval --model latent-mas --model_args dtype=bfloat16,seed=1234,latent_steps=10,pretrained=smollm2-135m-instruct,sidecar=/work/main/results/smollm2-cpu/latent-mas-m10/mas_arc_easy/sidecar.jsonl --tasks mas_arc_easy --batch_size 8 --output_path /work/main/results/smollm2-cpu/latent-mas-m10/mas_arc_easy --gen_kwargs max_gen_toks=256 --limit 16 --log_samples
