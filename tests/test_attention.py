@@ -17,7 +17,7 @@ class _Module(torch.nn.Module):
     is_causal = True
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("query_length", [1, 5])
 def test_same_attention_as_transformers_sdpa(dtype, query_length):
     torch.manual_seed(0)
@@ -25,24 +25,29 @@ def test_same_attention_as_transformers_sdpa(dtype, query_length):
     key, value = torch.randn(2, 2, 9, 16, dtype=dtype), torch.randn(2, 2, 9, 16, dtype=dtype)
     ours, _ = sdpa_packed_single_query(_Module(), query, key, value, None, scaling=0.25)
     stock, _ = sdpa_attention_forward(_Module(), query, key, value, None, scaling=0.25)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(ours.float(), stock.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(ours.float(), stock.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_only_unmasked_single_queries_get_a_mask(monkeypatch):
+def test_only_unmasked_16_bit_single_queries_get_a_mask(monkeypatch):
     seen = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda m, q, k, v, mask, **kw: seen.append(mask))
-    key = value = torch.zeros(2, 2, 9, 16)
-    sdpa_packed_single_query(_Module(), torch.zeros(2, 6, 1, 16), key, value, None)
-    sdpa_packed_single_query(_Module(), torch.zeros(2, 6, 4, 16), key, value, None)
+    key = value = torch.zeros(2, 2, 9, 16, dtype=torch.bfloat16)
+    query = torch.zeros(2, 6, 1, 16, dtype=torch.bfloat16)
+    sdpa_packed_single_query(_Module(), query, key, value, None)
+    sdpa_packed_single_query(_Module(), torch.zeros(2, 6, 4, 16, dtype=torch.bfloat16), key, value, None)
     given = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
-    sdpa_packed_single_query(_Module(), torch.zeros(2, 6, 1, 16), key, value, given)
+    sdpa_packed_single_query(_Module(), query, key, value, given)
+    sdpa_packed_single_query(_Module(), query.float(), key.float(), value.float(), None)
     assert seen[0].dtype == torch.bool and seen[0].shape == (2, 1, 1, 9) and bool(seen[0].all())
-    assert seen[1] is None and seen[2] is given
+    assert seen[1] is None and seen[2] is given and seen[3] is None
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_models_on_cpu_use_it_and_decode_the_same(tiny_model_dir, dtype):
+def test_fp32_models_keep_sdpa(tiny_model_dir):
+    assert load_backbone(str(tiny_model_dir), dtype="float32", device="cpu").model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_models_on_cpu_use_it_and_decode_the_same(tiny_model_dir, dtype):
     fast = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu")
     assert fast.model.config._attn_implementation == NAME
     stock = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu")
@@ -56,5 +61,4 @@ def test_models_on_cpu_use_it_and_decode_the_same(tiny_model_dir, dtype):
         outputs.append((prefill.float(), step.float()))
     (fast_prefill, fast_step), (stock_prefill, stock_step) = outputs
     assert torch.equal(fast_prefill, stock_prefill)  # multi-position blocks are untouched
-    tolerance = 1e-5 if dtype == "float32" else 5e-2
-    torch.testing.assert_close(fast_step, stock_step, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fast_step, stock_step, rtol=5e-2, atol=5e-2)
