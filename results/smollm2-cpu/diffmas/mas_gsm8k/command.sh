@@ -1,0 +1,1 @@
+diffmas-eval --model diffmas --model_args dtype=bfloat16,seed=1234,adapter=/work/main/runs/training/diffmas,pretrained=smollm2-135m-instruct,sidecar=/work/main/results/smollm2-cpu/diffmas/mas_gsm8k/sidecar.jsonl --tasks mas_gsm8k --batch_size 8 --output_path /work/main/results/smollm2-cpu/diffmas/mas_gsm8k --gen_kwargs max_gen_toks=256 --limit 16 --log_samples

@@ -1,0 +1,1 @@
+diffmas-eval --model diffmas --model_args dtype=bfloat16,seed=1234,adapter=/work/main/runs/training/diffmas,pretrained=smollm2-135m-instruct,sidecar=/work/main/results/smollm2-cpu/diffmas/mas_medqa_mc/sidecar.jsonl --tasks mas_medqa_mc --batch_size 8 --output_path /work/main/results/smollm2-cpu/diffmas/mas_medqa_mc --gen_kwargs max_gen_toks=256 --limit 50 --log_samples
