@@ -65,9 +65,8 @@ class KVTrace:
         Args:
             upcoming: positions still to come in this loop (including the next one). Room grows by
                 `min(upcoming, max(64, length // 8))`: a loop of G steps copies the cache about G / 64 + 8 ln(G)
-                times instead of G times (the per-step `torch.cat` copies the whole cache; avoiding it made a
-                batch-8 fp32 decode step of the default model 8-15% faster at 341-473 positions,
-                `benchmarks/bench_decode_step.py`, and the copy grows with the trace), holds at most
+                times instead of G times (a per-step `torch.cat` copies the whole cache, a cost that grows with
+                trace length and batch; `benchmarks/bench_decode_step.py` measures it), holds at most
                 `max(64, length // 8)` spare positions, and ends exact when the loop runs to its budget.
 
         No-op while autograd records (in-place writes would invalidate tensors saved for backward) and for layers
