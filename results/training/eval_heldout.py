@@ -5,7 +5,7 @@ Each item's context is the task's bare question with `A. ...` option lines (`ben
 are the option letters, `answer_format=letter`; accuracy = the gold letter has the highest log-likelihood (lm-eval's
 `acc`). The LoRA single agent is the `single-agent` backend with `adapter=DIR`.
 
-    python results/training/eval_heldout.py --condition diffmas --adapter DIR --limit 200 --out FILE.json
+    python results/training/eval_heldout.py --condition diffmas --adapter DIR --limit 300 --out FILE.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--condition", choices=CONDITIONS, required=True)
     parser.add_argument("--adapter")
     parser.add_argument("--benchmark", default="arc_easy")
-    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--latent_steps", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch_size", type=int, default=8)
