@@ -1,12 +1,14 @@
-"""What a decode step costs with and without the two step-loop fixes: reserved KV room and packed GQA attention.
+"""What a decode step costs with and without the step-loop fixes: reserved KV room, packed attention and linears.
 
 Variants, all from forks of one trace (the upstream agents' prompts prefilled for a batch of GSM8K questions, so
 batch and trace length are identical), each `generate` taking k steps:
 - `stock`: the `torch.cat` cache (`KVTrace.reserve` disabled) and transformers' own `sdpa` attention;
 - `reserve`: KV room reserved, so each step writes its position in place (`diffmas_eval.core.trace`);
 - `reserve+packed-attn`: also unmasked one-position queries take transformers' packed-GQA path instead of the
-  `enable_gqa` kernel (`diffmas_eval.core.attention`; the backends' default on CPU). It only matters when the batch
-  has no padding (transformers passes no mask then): batch 1, or rows of equal length.
+  `enable_gqa` kernel (`diffmas_eval.core.attention`; the backends' default on CPU for 16-bit models). It only
+  matters when the batch has no padding (transformers passes no mask then): batch 1, or rows of equal length.
+- `reserve+packed-attn+packed-linear`: also every linear runs with a oneDNN-packed weight
+  (`diffmas_eval.core.linear`; the backends' default on CPU).
 Also times the attention call alone (`F.scaled_dot_product_attention` at the step's shapes, no mask) with
 `enable_gqa` vs packed query heads, which is the measurement behind the attention change.
 """
@@ -58,6 +60,7 @@ def main() -> None:
     from diffmas_eval.core.attention import NAME as PACKED_ATTENTION
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.decode import DecodingConfig, generate
+    from diffmas_eval.core.linear import PackedCPULinear
     from diffmas_eval.methods import LatentMAS
     from diffmas_eval.prompts import load_prompt_set
 
@@ -71,8 +74,12 @@ def main() -> None:
     reserve = trace_module.KVTrace.reserve
     default_attention = backbone.model.config._attn_implementation
 
-    def configure(room: bool, packed_attention: bool) -> None:
+    linears = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def configure(room: bool, packed_attention: bool, packed_linear: bool = False) -> None:
         trace_module.KVTrace.reserve = reserve if room else (lambda self, upcoming: None)
+        for module in linears:
+            module.__class__ = PackedCPULinear if packed_linear else torch.nn.Linear
         wanted = PACKED_ATTENTION if packed_attention and default_attention == PACKED_ATTENTION else "sdpa"
         if backbone.model.config._attn_implementation != wanted:
             backbone.model.set_attn_implementation(wanted)
@@ -82,19 +89,20 @@ def main() -> None:
         with torch.inference_mode():
             trace = c.upstream_trace(method, questions[:batch], args.trace_agents)
 
-            def decode(room: bool, packed_attention: bool, trace=trace, batch=batch) -> None:
-                configure(room, packed_attention)
+            def decode(room: bool, packed_attention: bool, packed_linear: bool = False, trace=trace, batch=batch):
+                configure(room, packed_attention, packed_linear)
                 generate(no_eos, [token] * batch, trace.fork(), DecodingConfig(max_new_tokens=args.steps + 1))
 
             variants = {
                 "stock": lambda: decode(False, False),
                 "reserve": lambda: decode(True, False),
                 "reserve+packed-attn": lambda: decode(True, True),
+                "reserve+packed-attn+packed-linear": lambda: decode(True, True, True),
             }
             for fn in variants.values():  # warm-up
                 fn()
             times, _ = c.interleaved(variants, args.repeats)
-            configure(True, True)
+            configure(True, True, True)
         med = {k: c.median(v) / (args.steps + 1) for k, v in times.items()}
         attention = _attention_alone(backbone, batch, trace.length, 20)
         payload["per_batch"][batch] = {

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from diffmas_eval import __version__
 from diffmas_eval.core.backbone import load_backbone, resolve_device, resolve_dtype
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
+from diffmas_eval.core.linear import uses_packed_cpu_linear
 from diffmas_eval.core.score import score_continuations
 from diffmas_eval.methods import METHODS, Method, Question
 from diffmas_eval.methods.latent_mas import LatentMAS
@@ -46,6 +47,7 @@ _COMMON_ARGS = (
     "system_prompt",
     "prompts",
     "seed",
+    "fast_cpu_kernels",
     "sidecar",
     "device_map",
     "parallelize",
@@ -128,6 +130,7 @@ class MultiAgentLM(LM):
         revision: str | None = None,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        fast_cpu_kernels: bool = True,
         **method_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -171,6 +174,7 @@ class MultiAgentLM(LM):
             device_map=device_map,
             revision=revision,
             trust_remote_code=_as_bool(trust_remote_code),
+            fast_cpu_kernels=_as_bool(fast_cpu_kernels),
         )
         self.method: Method = METHODS[self.method_name](
             self.backbone,
@@ -242,6 +246,12 @@ class MultiAgentLM(LM):
         doc = getattr(request, "doc", None)
         return doc.get("answer_format") if isinstance(doc, dict) else None
 
+    def _token_counts(self, contexts: list[str]) -> dict[str, int]:
+        """Tokens per distinct context. Batches are formed longest first by tokens, not characters (as lm-eval's `hf`
+        backend does): every agent's prompt repeats the context, so rows of one batch then pad to nearly the same
+        trace length (`benchmarks/bench_memory.py` shows the pad fraction either way)."""
+        return {context: len(self.backbone.encode(context)) for context in dict.fromkeys(contexts)}
+
     @staticmethod
     def _other_contexts(contexts: list[str]) -> dict[str, str]:
         """For the `other_doc` control: each distinct context maps to the next distinct one (cyclically)."""
@@ -271,8 +281,9 @@ class MultiAgentLM(LM):
         outputs: list[str | None] = [self._reuse(it[6]) for it in items]
         todo = [it for it, out in zip(items, outputs, strict=True) if out is None]
         others = self._other_contexts([it[1] for it in items]) if self._needs_other_doc() else {}
+        tokens = self._token_counts([it[1] for it in todo])
         collator = Collator(
-            todo, sort_fn=lambda it: (-len(it[1]), it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
+            todo, sort_fn=lambda it: (-tokens[it[1]], it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
         )
         bar = tqdm(total=len(todo), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
         for batch in collator.get_batched(n=self.batch_size):
@@ -340,7 +351,8 @@ class MultiAgentLM(LM):
             else:
                 for index, score in zip(members, reused, strict=True):
                     results[index] = tuple(score)
-        todo.sort(key=lambda k: -len(k[0]))
+        tokens = self._token_counts([k[0] for k in todo])
+        todo.sort(key=lambda k: -tokens[k[0]])
         others = self._other_contexts([k[0] for k in groups]) if self._needs_other_doc() else {}
         decoding = DecodingConfig(max_new_tokens=self.max_gen_toks)
         bar = tqdm(
@@ -416,9 +428,10 @@ class MultiAgentLM(LM):
     def run_key(self) -> str:
         """Identity of what this run computes: method settings, backbone weights, prompt set, dtype, base seed.
 
-        Batch size, device and world size are left out: results do not depend on them."""
+        Batch size, device, world size and CPU kernels are left out: results do not depend on them (beyond
+        floating-point rounding)."""
         info = self.get_model_info()["diffmas"]
-        for volatile in ("totals", "sidecar", "batch_size", "world_size", "version", "run_key"):
+        for volatile in ("totals", "sidecar", "batch_size", "world_size", "version", "run_key", "cpu_kernels"):
             info.pop(volatile, None)
         return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -513,6 +526,7 @@ class MultiAgentLM(LM):
             "realign": settings.get("realign"),
             "prompts": {"name": self.prompt_set.name, "sha256": self.prompt_set.sha256},
             "dtype": str(self.backbone.dtype).removeprefix("torch."),
+            "cpu_kernels": "packed" if uses_packed_cpu_linear(self.backbone.model) else "stock",
             "seed": self.seed,
             "batch_size": self.batch_size,
             "max_gen_toks_default": self.max_gen_toks,

@@ -304,3 +304,20 @@ def test_diffmas_evaluates_as_trained_unless_told_otherwise(tiny_model_dir, adap
     with pytest.warns(UserWarning, match="trained with latent_steps=3"):
         other = DiffMASLM(**common, latent_steps=1, sidecar=str(tmp_path / "b.jsonl"))
     assert other.method.latent_steps == 1
+
+
+def test_batches_group_contexts_of_similar_token_length(tiny_model_dir, adapters, tmp_path, monkeypatch):
+    lm = _make("latent-mas", {"latent_steps": 0}, tiny_model_dir, adapters, tmp_path)
+    # Character length and token length disagree: common words are one token each, rare letter pairs several.
+    contexts = ["apples apples apples apples", "zq xj vk wq zq xj", "Name a force.", "What is two plus two?"]
+    tokens = lm._token_counts(contexts)
+    assert sorted(contexts, key=len) != sorted(contexts, key=tokens.get)
+    seen = []
+    prepare = lm.method.prepare
+    monkeypatch.setattr(
+        lm.method, "prepare", lambda questions, decoding: seen.append(questions) or prepare(questions, decoding)
+    )
+    lm.batch_size = 2
+    lm.generate_until(_generate_requests({"until": [], "max_gen_toks": 2}, contexts), disable_tqdm=True)
+    by_tokens = sorted(contexts, key=lambda c: -tokens[c])
+    assert [[q.text for q in batch] for batch in seen] == [by_tokens[:2], by_tokens[2:]]

@@ -180,6 +180,7 @@ def load_backbone(
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    fast_cpu_kernels: bool = True,
 ) -> Backbone:
     """Load a causal LM and its tokenizer.
 
@@ -188,10 +189,14 @@ def load_backbone(
         dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
         device: "cpu", "cuda", "cuda:1", ... (None: CUDA when available). Ignored when `device_map` is given.
         device_map: passed to `from_pretrained` for models too large for one device (e.g. "auto").
+        fast_cpu_kernels: on CPU, run inference linears with oneDNN-packed weights (`core/linear.py`) and give 16-bit
+            one-position attention the packed-heads path (`core/attention.py`); results equal the stock kernels'
+            within floating-point rounding. False keeps transformers' stock kernels.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diffmas_eval.core.attention import use_fast_cpu_attention
+    from diffmas_eval.core.linear import use_packed_cpu_linear
 
     name, source = locate_pretrained(pretrained)
     torch_dtype = resolve_dtype(dtype)
@@ -217,7 +222,9 @@ def load_backbone(
         ) from err
     if device_map is None:
         model.to(resolve_device(device))
-    use_fast_cpu_attention(model)
+    if fast_cpu_kernels:
+        use_fast_cpu_attention(model)
+        use_packed_cpu_linear(model)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.chat_template is None:

@@ -1,0 +1,79 @@
+"""CPU linears with oneDNN-packed weights: `F.linear`'s results, repacked when weights change, autograd untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from diffmas_eval.core.backbone import load_backbone
+from diffmas_eval.core.decode import DecodingConfig, generate
+from diffmas_eval.core.linear import PackedCPULinear, packed_linear_available, use_packed_cpu_linear
+
+pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN linear ops")
+
+
+def _packed_linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool = True) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    assert use_packed_cpu_linear(torch.nn.Sequential(module)) == 1
+    return module
+
+
+def _bias(module: torch.nn.Linear, rows: int) -> torch.Tensor:
+    return module.bias.detach().expand(rows, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_result_as_f_linear_for_any_leading_shape(dtype, bias):
+    module = _packed_linear(24, 40, dtype, bias)
+    assert isinstance(module, PackedCPULinear) and isinstance(module, torch.nn.Linear)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 24), (8, 24), (2, 7, 24)]:
+        x = torch.randn(*shape, dtype=dtype)
+        with torch.no_grad():
+            ours = module(x)
+        assert module._packed is not None and ours.shape == (*shape[:-1], 40)
+        stock = F.linear(x, module.weight, module.bias)
+        torch.testing.assert_close(ours.float(), stock.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_modified_weight_is_packed_again():
+    module = _packed_linear(16, 8, torch.float32)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = module(x)
+        module.weight.mul_(2.0)  # what peft's merge does: an in-place change of the same tensor
+        after_in_place = module(x)
+        module.weight = torch.nn.Parameter(torch.zeros(8, 16))
+        after_replaced = module(x)
+    torch.testing.assert_close(after_in_place - _bias(module, 3), 2 * (before - _bias(module, 3)))
+    torch.testing.assert_close(after_replaced, _bias(module, 3))
+
+
+def test_autograd_takes_the_stock_path():
+    module = _packed_linear(16, 8, torch.float32)
+    module.weight.requires_grad_(True)
+    x = torch.randn(3, 16, requires_grad=True)
+    module(x).sum().backward()
+    assert module._packed is None  # nothing was packed while autograd recorded
+    torch.testing.assert_close(x.grad, module.weight.detach().sum(dim=0).expand(3, -1))
+    assert module.weight.grad is not None
+
+
+def test_models_switch_on_cpu_only_in_float32_and_bfloat16():
+    assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4).half())) == 0
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert use_packed_cpu_linear(model) == 2 and use_packed_cpu_linear(model) == 0  # switching twice is a no-op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backbones_decode_the_same_with_and_without_packed_linears(tiny_model_dir, dtype):
+    fast = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu")
+    stock = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu", fast_cpu_kernels=False)
+    assert any(isinstance(m, PackedCPULinear) for m in fast.model.modules())
+    assert not any(isinstance(m, PackedCPULinear) for m in stock.model.modules())
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    outputs = [generate(b, prompts, None, DecodingConfig(max_new_tokens=12)) for b in (fast, stock)]
+    assert outputs[0] == outputs[1]
