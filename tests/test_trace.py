@@ -1,10 +1,12 @@
-"""KV traces: reserved room is written in place, exactly as `torch.cat` would build it, and never shared by forks."""
+"""KV traces: reserved room is written in place, exactly as `torch.cat` would build it, and never shared by forks;
+per-row CPU prefill builds the trace a batched prefill builds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from diffmas_eval.core import trace as trace_module
 from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.core.decode import DecodingConfig, generate
 from diffmas_eval.core.trace import RESERVE_MIN, KVTrace, ReservableLayer, append_prompts, extend_trace
@@ -109,3 +111,44 @@ def test_rows_with_fewer_continuations_score_as_if_alone(backbone):
         alone = score_continuations(backbone, [prompt], alone_trace, [continuations[row]])[0]
         for (batched_score, batched_greedy), (alone_score, alone_greedy) in zip(batched[row], alone, strict=True):
             assert batched_score == pytest.approx(alone_score, abs=1e-4) and batched_greedy == alone_greedy
+
+
+BLOCKS = [PROMPTS, [[30, 31], [32, 33, 34, 35, 36, 37, 38]], [[40, 41, 42], [43]]]
+
+
+def _appended(backbone, monkeypatch, per_row: bool) -> tuple[KVTrace, list[torch.Tensor]]:
+    monkeypatch.setattr(trace_module, "PER_ROW_PREFILL_ON_CPU", per_row)
+    trace, outputs = None, []
+    for block in BLOCKS:
+        trace, hidden = append_prompts(backbone, trace, block, output="hidden")
+        outputs.append(hidden)
+    return trace, outputs
+
+
+@torch.no_grad()
+def test_per_row_prefill_builds_the_batched_trace(backbone, monkeypatch):
+    assert all(trace_module.prefill_per_row(backbone, None, block) for block in BLOCKS)
+    per_row, per_row_hidden = _appended(backbone, monkeypatch, per_row=True)
+    batched, batched_hidden = _appended(backbone, monkeypatch, per_row=False)
+    assert torch.equal(per_row.mask, batched.mask)
+    for ours, theirs in zip(per_row_hidden, batched_hidden, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    real = batched.mask.bool()
+    for ours, theirs in zip(per_row.cache.layers, batched.cache.layers, strict=True):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+    config = DecodingConfig(max_new_tokens=10)
+    assert generate(backbone, [[50], [51, 52]], per_row, config) == generate(
+        backbone, [[50], [51, 52]], batched, config
+    )
+
+
+def test_per_row_prefill_only_for_padded_cpu_batches_outside_autograd(backbone):
+    padded, equal = [[1, 2, 3, 4, 5, 6], [7, 8]], [[1, 2, 3], [4, 5, 6]]
+    with torch.no_grad():
+        assert trace_module.prefill_per_row(backbone, None, padded)
+        assert not trace_module.prefill_per_row(backbone, None, equal)
+        assert not trace_module.prefill_per_row(backbone, None, padded[:1])
+        # 10% padding: under the threshold, batching still pays
+        assert not trace_module.prefill_per_row(backbone, None, [[1] * 10, [2] * 10, [3] * 10, [4] * 10, [5] * 6])
+    assert not trace_module.prefill_per_row(backbone, None, padded)  # autograd records: training keeps its batch

@@ -207,6 +207,74 @@ def append_prompts(
     prompts: list[list[int]],
     output: Literal["hidden", "logits"] = "hidden",
 ) -> tuple[KVTrace, torch.Tensor]:
-    """Left-pad `prompts` (one token list per row) and append them to `trace`; see `extend_trace`."""
+    """Left-pad `prompts` (one token list per row) and append them to `trace`; see `extend_trace`.
+
+    On CPU, outside autograd, a batch whose prompts differ in length enough (`prefill_per_row`) is prefilled one row
+    at a time and the rows' keys and values are assembled into the same left-padded block the batched forward
+    would write: there the batched forward only adds the pad positions' work.
+    """
+    if prefill_per_row(backbone, trace, prompts):
+        return _append_per_row(backbone, trace, prompts, output)
     ids, mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
     return extend_trace(backbone, trace, mask, input_ids=ids, output=output)
+
+
+# Per-row prefill when the padded block would be this much larger than its real tokens. A CPU prefill is compute-bound,
+# so a batched block costs about its padded size; batching equal-length rows still gains about this much per row
+# (`benchmarks/bench_prefill.py` measures both).
+PER_ROW_PADDING_THRESHOLD = 0.15
+PER_ROW_PREFILL_ON_CPU = True
+
+
+def prefill_per_row(backbone: Backbone, trace: KVTrace | None, prompts: list[list[int]]) -> bool:
+    """Whether `append_prompts` prefills row by row: CPU, no autograd, plain full-attention cache layers, and a
+    padded block more than `PER_ROW_PADDING_THRESHOLD` larger than the real tokens."""
+    if not PER_ROW_PREFILL_ON_CPU or len(prompts) < 2 or backbone.device.type != "cpu" or torch.is_grad_enabled():
+        return False
+    layers = new_cache(backbone).layers if trace is None else trace.cache.layers
+    if any(type(layer) not in (DynamicLayer, ReservableLayer) for layer in layers):
+        return False
+    lengths = [len(prompt) for prompt in prompts]
+    return min(lengths) > 0 and len(lengths) * max(lengths) > (1 + PER_ROW_PADDING_THRESHOLD) * sum(lengths)
+
+
+def _compact_row(trace: KVTrace, row: int) -> KVTrace:
+    """Row `row` of `trace` alone, its pad slots dropped: a batch-1 trace of that row's real positions (a copy)."""
+    real = trace.mask[row].nonzero().squeeze(1)
+    forked = trace.fork()
+    for layer in forked.cache.layers:
+        layer.keys = layer.keys[row : row + 1].index_select(-2, real)
+        layer.values = layer.values[row : row + 1].index_select(-2, real)
+    return KVTrace(cache=forked.cache, mask=trace.mask.new_ones((1, real.numel())))
+
+
+def _append_per_row(
+    backbone: Backbone, trace: KVTrace | None, prompts: list[list[int]], output: Literal["hidden", "logits"]
+) -> tuple[KVTrace, torch.Tensor]:
+    """`append_prompts` computed one row at a time (each row on its own real positions, no padding)."""
+    _, block_mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
+    width = block_mask.shape[1]
+    lasts, row_layers = [], []
+    for row, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt], dtype=torch.long, device=backbone.device)
+        context = None if trace is None else _compact_row(trace, row)
+        extended, last = extend_trace(backbone, context, torch.ones_like(ids), input_ids=ids, output=output)
+        lasts.append(last)
+        row_layers.append(
+            [
+                (layer.keys[..., -len(prompt) :, :], layer.values[..., -len(prompt) :, :])
+                for layer in extended.cache.layers
+            ]
+        )
+    cache = new_cache(backbone) if trace is None else trace.cache
+    for index in range(len(row_layers[0])):
+        first_keys, first_values = row_layers[0][index]
+        keys = first_keys.new_zeros((len(prompts), first_keys.shape[1], width, first_keys.shape[-1]))
+        values = first_values.new_zeros((len(prompts), first_values.shape[1], width, first_values.shape[-1]))
+        for row, prompt in enumerate(prompts):
+            row_keys, row_values = row_layers[row][index]
+            keys[row, :, width - len(prompt) :] = row_keys[0]
+            values[row, :, width - len(prompt) :] = row_values[0]
+        cache.update(keys, values, index)
+    full_mask = block_mask if trace is None else torch.cat([trace.mask, block_mask], dim=1)
+    return KVTrace(cache=cache, mask=full_mask), torch.cat(lasts)
