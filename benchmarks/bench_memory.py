@@ -2,7 +2,7 @@
 
 Each variant (LatentMAS latent steps m, batch size, pool) runs in its own subprocess. The child builds the trace with
 the method's `prepare` on one batch of GSM8K questions, taken as the backend would form it in an evaluation of the
-first `pool` questions (sorted longest first, like lm-eval's Collator): the batch from the middle of that order.
+first `pool` questions (sorted longest first by tokens, as the backends sort): the batch from the middle of that order.
 Pool = batch puts whole unsorted questions side by side (the worst case for padding); a large pool gives the
 similar-length batches of a real evaluation. The child then measures:
 - trace bytes: the distinct storages reachable from `cache.layers[*].keys/values`, vs real positions x
@@ -11,6 +11,8 @@ similar-length batches of a real evaluation. The child then measures:
   weights), so a per-agent copy kept alive anywhere would show up beside the trace;
 - the same after scoring 4 continuations per row against the trace (`score_continuations` forks per round), so a
   per-continuation copy kept alive would show up;
+- over every batch of the pool, trace slots / real positions computed from the prompts' token counts (the measured
+  batch's ratio is this same arithmetic);
 - the process's peak RSS (`resource.getrusage`) over its RSS after loading the model and one warm-up `prepare`
   (weights are memory-mapped: the first forward pages them in, which is not the trace's cost).
 """
@@ -32,7 +34,8 @@ def _live_storages() -> dict[int, int]:
     """data_ptr -> nbytes of the storage of every tensor the garbage collector tracks."""
     out = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+        # oneDNN-packed weights (`core/linear.py`) are opaque tensors without a storage; they are weights, not trace.
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_mkldnn:
             storage = obj.untyped_storage()
             out[storage.data_ptr()] = storage.nbytes()
     return out
@@ -55,6 +58,22 @@ def _trace_bytes(trace) -> tuple[int, int, bool]:
     return sum(storages.values()), numel_bytes, exact
 
 
+def _evaluation_ratio(method, ordered: list[str], batch: int, m: int) -> float:
+    """Trace slots over real positions summed over every batch of an evaluation of `ordered`, from token counts.
+
+    Each upstream block pads to its longest row and latent steps add `m` real positions per row per agent; the
+    measured middle batch equals this arithmetic (its `trace / real`), so it extends the measurement to all batches.
+    """
+    lengths = [[len(method.render(role, q)) for role in method.upstream_roles] for q in ordered]
+    slots = real = 0
+    for begin in range(0, len(ordered), batch):
+        rows = lengths[begin : begin + batch]
+        steps = m * len(method.upstream_roles)
+        slots += len(rows) * (sum(max(col) for col in zip(*rows, strict=True)) + steps)
+        real += sum(sum(row) + steps for row in rows)
+    return slots / real
+
+
 def child(args) -> dict:
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.decode import DecodingConfig
@@ -68,9 +87,10 @@ def child(args) -> dict:
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * backbone.dtype.itemsize
     method = LatentMAS(backbone, load_prompt_set(None), latent_steps=args.m)
     method.aligner  # noqa: B018  (solved before measuring)
-    ordered = sorted(c.gsm8k_questions(args.pool), key=len, reverse=True)
+    ordered = sorted(c.gsm8k_questions(args.pool), key=lambda q: len(backbone.encode(q)), reverse=True)
     first = (len(ordered) - args.batch) // 2
     texts = ordered[first : first + args.batch]
+    evaluation_ratio = _evaluation_ratio(method, ordered, args.batch, args.m)
     questions = [Question(t, "boxed_number") for t in texts]
     with torch.inference_mode():
         method.prepare([Question("Warm up.", "boxed_number")], DecodingConfig(max_new_tokens=1))
@@ -104,6 +124,7 @@ def child(args) -> dict:
         "trace_numel_bytes": numel_bytes,
         "storages_exact": exact,
         "ratio_to_real": trace_bytes / (real * per_token),
+        "evaluation_ratio_all_batches": evaluation_ratio,
         "pad_fraction": 1 - real / (len(questions) * length),
         "live_new_bytes_after_prepare": new_live,
         "live_over_trace_after_prepare": new_live / trace_bytes,
@@ -121,7 +142,9 @@ def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, nargs="+", default=[0, 40], help="latent steps m per variant")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--pools", type=int, nargs="+", default=[8, 256], help="evaluation sizes the batch is drawn from")
+    p.add_argument(
+        "--pools", type=int, nargs="+", default=[8, 256, 1319], help="evaluation sizes the batch is drawn from"
+    )
     p.add_argument("--pool", type=int, default=8, help=argparse_hidden())
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     p.add_argument("--m", type=int, default=0, help=argparse_hidden())
@@ -142,23 +165,27 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         v = json.loads(done.stdout.strip().splitlines()[-1])
         variants.append(v)
-        ok = v["ratio_to_real"] <= 1.05 and v["live_over_trace_after_scoring"] <= 1.05
+        ok = all(
+            v[k] <= 1.05 for k in ("ratio_to_real", "evaluation_ratio_all_batches", "live_over_trace_after_scoring")
+        )
         rows.append(
             f"| {m} | {batch} | {v['pool']} | {v['pad_fraction']:.3f} | {v['real_positions']} | "
             f"{v['trace_bytes'] / 2**20:.2f} | "
-            f"{v['ratio_to_real']:.3f} | {v['live_over_trace_after_prepare']:.3f} | "
+            f"{v['ratio_to_real']:.3f} | {v['evaluation_ratio_all_batches']:.3f} | "
+            f"{v['live_over_trace_after_prepare']:.3f} | "
             f"{v['after_scoring_ratio_to_real']:.3f} | {v['live_over_trace_after_scoring']:.3f} | "
             f"{v['peak_over_loaded_bytes'] / 2**20:.1f} | {'yes' if ok else 'NO'} |"
         )
         print(rows[-1], flush=True)
     md = [
         "LatentMAS sequential (3 upstream agents); each batch is the middle batch of the first `pool` GSM8K questions "
-        f"sorted longest first; per-token KV bytes = {variants[0]['per_token_kv_bytes']}. Peak RSS includes "
+        f"sorted longest first by tokens; per-token KV bytes = {variants[0]['per_token_kv_bytes']}. Peak RSS includes "
         "allocator high-water marks and transient activations (not a measure of what the trace keeps).",
         "",
-        "| m | batch | pool | pad fraction | real positions | trace MiB | trace / real | live new / trace "
-        "| after scoring: trace / real | live new / trace | peak RSS over loaded MiB | <= 1.05x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| m | batch | pool | pad fraction | real positions | trace MiB | trace / real | all batches of the pool: "
+        "slots / real | live new / trace | after scoring: trace / real | live new / trace | peak RSS over loaded MiB "
+        "| <= 1.05x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     c.write_result(args, "memory", {"variants": variants}, md)
