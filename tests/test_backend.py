@@ -321,3 +321,15 @@ def test_batches_group_contexts_of_similar_token_length(tiny_model_dir, adapters
     lm.generate_until(_generate_requests({"until": [], "max_gen_toks": 2}, contexts), disable_tqdm=True)
     by_tokens = sorted(contexts, key=lambda c: -tokens[c])
     assert [[q.text for q in batch] for batch in seen] == [by_tokens[:2], by_tokens[2:]]
+
+
+def test_cpu_kernels_are_recorded_and_do_not_change_the_run_key(tiny_model_dir, adapters, tmp_path):
+    (tmp_path / "fast").mkdir(), (tmp_path / "stock").mkdir()  # separate side-cars: nothing is reused
+    fast = _make("latent-mas", {"latent_steps": 1}, tiny_model_dir, adapters, tmp_path / "fast")
+    stock_args = {"latent_steps": 1, "fast_cpu_kernels": "false"}
+    stock = _make("latent-mas", stock_args, tiny_model_dir, adapters, tmp_path / "stock")
+    assert fast.get_model_info()["diffmas"]["cpu_kernels"] == "packed"
+    assert stock.get_model_info()["diffmas"]["cpu_kernels"] == "stock"
+    assert fast.run_key() == stock.run_key()  # a run resumed with the other kernels reuses finished requests
+    requests = _generate_requests({"until": [], "max_gen_toks": 8})
+    assert fast.generate_until(requests, disable_tqdm=True) == stock.generate_until(requests, disable_tqdm=True)
