@@ -13,8 +13,9 @@ similar-length batches of a real evaluation. The child then measures:
   per-continuation copy kept alive would show up;
 - over every batch of the pool, trace slots / real positions computed from the prompts' token counts (the measured
   batch's ratio is this same arithmetic);
-- the process's peak RSS (`resource.getrusage`) over its RSS after loading the model and one warm-up `prepare`
-  (weights are memory-mapped: the first forward pages them in, which is not the trace's cost).
+- the process's peak RSS (`resource.getrusage`) over its RSS after loading the model and one warm-up `prepare` and
+  scoring (weights are memory-mapped: the first forward pages them in, and packs the CPU linears' weights; neither is
+  the trace's cost).
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ def child(args) -> dict:
     texts = ordered[first : first + args.batch]
     evaluation_ratio = _evaluation_ratio(method, ordered, args.batch, args.m)
     questions = [Question(t, "boxed_number") for t in texts]
-    with torch.inference_mode():
-        method.prepare([Question("Warm up.", "boxed_number")], DecodingConfig(max_new_tokens=1))
+    letters = [backbone.encode(x) for x in "ABCD"]
+    with torch.inference_mode():  # warm-up: also packs the CPU linears' weights (LM head included) before measuring
+        warm = method.prepare([Question("Warm up.", "boxed_number")], DecodingConfig(max_new_tokens=1))
+        score_continuations(backbone, warm.prompts, warm.trace, [letters])
+        del warm
     gc.collect()
     rss_loaded = _current_rss()
     baseline = _live_storages()
@@ -105,7 +109,6 @@ def child(args) -> dict:
         real, length = int(trace.mask.sum()), trace.length
         live = _live_storages()
         new_live = sum(b for p, b in live.items() if p not in baseline)
-        letters = [backbone.encode(x) for x in "ABCD"]
         score_continuations(backbone, start.prompts, trace, [letters] * len(questions))
         gc.collect()
         after_bytes, _, _ = _trace_bytes(trace)
