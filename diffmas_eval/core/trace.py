@@ -254,27 +254,24 @@ def _append_per_row(
     """`append_prompts` computed one row at a time (each row on its own real positions, no padding)."""
     _, block_mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
     width = block_mask.shape[1]
-    lasts, row_layers = [], []
+    lasts: list[torch.Tensor] = []
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: the block's keys and values, left-padded
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([prompt], dtype=torch.long, device=backbone.device)
         context = None if trace is None else _compact_row(trace, row)
         extended, last = extend_trace(backbone, context, torch.ones_like(ids), input_ids=ids, output=output)
         lasts.append(last)
-        row_layers.append(
-            [
-                (layer.keys[..., -len(prompt) :, :], layer.values[..., -len(prompt) :, :])
-                for layer in extended.cache.layers
-            ]
-        )
+        for index, layer in enumerate(extended.cache.layers):
+            if row == 0:
+                blocks.append(
+                    tuple(
+                        t.new_zeros((len(prompts), t.shape[1], width, t.shape[-1])) for t in (layer.keys, layer.values)
+                    )
+                )
+            for block, new in zip(blocks[index], (layer.keys, layer.values), strict=True):
+                block[row, :, width - len(prompt) :] = new[0, :, -len(prompt) :]
     cache = new_cache(backbone) if trace is None else trace.cache
-    for index in range(len(row_layers[0])):
-        first_keys, first_values = row_layers[0][index]
-        keys = first_keys.new_zeros((len(prompts), first_keys.shape[1], width, first_keys.shape[-1]))
-        values = first_values.new_zeros((len(prompts), first_values.shape[1], width, first_values.shape[-1]))
-        for row, prompt in enumerate(prompts):
-            row_keys, row_values = row_layers[row][index]
-            keys[row, :, width - len(prompt) :] = row_keys[0]
-            values[row, :, width - len(prompt) :] = row_values[0]
+    for index, (keys, values) in enumerate(blocks):
         cache.update(keys, values, index)
     full_mask = block_mask if trace is None else torch.cat([trace.mask, block_mask], dim=1)
     return KVTrace(cache=cache, mask=full_mask), torch.cat(lasts)
