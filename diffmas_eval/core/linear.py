@@ -1,11 +1,11 @@
-"""Linear layers on CPU with weights pre-packed for oneDNN, the way PyTorch's own compiler runs them on CPU.
+"""Linear layers on CPU with weights pre-packed for oneDNN.
 
-A plain `F.linear` on CPU re-lays-out the weight for the matrix kernel on every call. That is cheap next to a long
-prompt's prefill but not next to a decode or latent step, where each layer multiplies 1-8 rows by its whole weight:
-the step is bound by the weight traffic. oneDNN's pre-packed path (`torch.ops.mkldnn._linear_pointwise`, the op
-`torch.compile` emits for frozen CPU linears) lays each weight out once. Measured on the default model, 1 thread
-(`benchmarks/bench_decode_step.py` prints it): a batch-8 decode step is about 1.3x faster in fp32 and a batch-1 step
-about 1.3x faster in bf16; at batch 8 the LM head alone goes from 28 ms to 10 ms in fp32.
+Decode and latent steps multiply 1-8 rows by every weight of the model, so a step is bound by how the matrix kernel
+reads the weights. oneDNN's pre-packed path (`torch.ops.mkldnn._linear_pointwise`, an op PyTorch ships for its
+compiler's CPU backend) lays each weight out once in the blocked format its kernels read, where `F.linear` starts
+from the plain layout on every call. Measured on the default model, 1 thread (`benchmarks/bench_decode_step.py`,
+`results/perf/decode_step_*.md`): a padded batch-8 decode step 1.41x faster in fp32 and a batch-1 step 1.20x faster
+in bf16; fp32 batch 1 and bf16 batch 8 within noise.
 
 Only inference on CPU in float32/bfloat16 takes this path; anything recorded by autograd (training), other devices
 and dtypes call `F.linear` as before. The packed copy is rebuilt when the weight is replaced or modified in place
