@@ -6,9 +6,14 @@ Not a timing. For one row of a batch of 8 GSM8K prompts (single agent) and the s
 - the CPU linear kernel (`PackedCPULinear`) at the model's shapes: rows computed among 8 or 150 rows vs alone;
 - `scaled_dot_product_attention` for one query: keys alone vs the same keys with masked positions added before
   them (left padding) or after them (right padding), at several lengths.
+With `--prototype`, it also times greedy decoding of the 8 prompts at batch 1 vs batch 8 (single agent) with the
+backends' kernels and with a prototype that is not in the library: one-query attention computed row by row on each
+row's real positions, and the MLP down-projection row by row. It prints docs/s ratios and how many outputs match.
 """
 
 from __future__ import annotations
+
+import time
 
 import _common as c
 import torch
@@ -57,9 +62,70 @@ def _linear_row_invariance(model: torch.nn.Module) -> dict[str, bool]:
     return out
 
 
+def _row_by_row_attention(module, query, key, value, attention_mask, **kwargs):
+    """Prototype: a one-position query attends row by row to that row's real keys only (no masked positions)."""
+    from diffmas_eval.core.attention import sdpa_packed_single_query
+
+    if query.shape[2] != 1:
+        return sdpa_packed_single_query(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for row in range(query.shape[0]):
+        keys, values = key[row : row + 1], value[row : row + 1]
+        if attention_mask is not None:
+            real = attention_mask[row, 0, 0].nonzero().squeeze(1)
+            keys, values = keys.index_select(2, real), values.index_select(2, real)
+        rows.append(sdpa_packed_single_query(module, query[row : row + 1], keys, values, None, **kwargs)[0])
+    return torch.cat(rows), None
+
+
+def _prototype(backbone, prompts: list[list[int]], budget: int) -> dict[str, dict[str, float]]:
+    """Batch 1 vs batch 8 greedy decoding with the backends' kernels and with the row-by-row prototype."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from diffmas_eval.core.decode import DecodingConfig, generate
+    from diffmas_eval.core.linear import PackedCPULinear
+
+    class RowByRowLinear(PackedCPULinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() < 3 or x.shape[0] == 1:
+                return super().forward(x)
+            return torch.cat([super(RowByRowLinear, self).forward(row[None]) for row in x])
+
+    AttentionInterface.register("row_by_row", _row_by_row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("row_by_row", sdpa_mask)
+    down = [m for name, m in backbone.model.named_modules() if name.endswith("mlp.down_proj")]
+    default_attention, default_class = backbone.model.config._attn_implementation, type(down[0])
+    config = DecodingConfig(max_new_tokens=budget)
+    out = {}
+    for variant in ("backends' kernels", "row-by-row prototype"):
+        prototype = variant != "backends' kernels"
+        backbone.model.set_attn_implementation("row_by_row" if prototype else default_attention)
+        for module in down:
+            module.__class__ = RowByRowLinear if prototype else default_class
+        with torch.inference_mode():
+            began = time.perf_counter()
+            alone = [generate(backbone, [prompt], None, config)[0].token_ids for prompt in prompts]
+            middle = time.perf_counter()
+            together = [g.token_ids for g in generate(backbone, prompts, None, config)]
+            seconds_8 = time.perf_counter() - middle
+        out[variant] = {
+            "batch_1_s": middle - began,
+            "batch_8_s": seconds_8,
+            "ratio": (middle - began) / seconds_8,
+            "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
+        }
+    backbone.model.set_attn_implementation(default_attention)
+    for module in down:
+        module.__class__ = default_class
+    return out
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--row", type=int, default=3, help="which of the 8 rows to follow")
+    p.add_argument("--prototype", action="store_true", help="also time the row-by-row prototype (see above)")
+    p.add_argument("--max-gen-toks", type=int, default=64, help="greedy budget of the --prototype timing")
     args = p.parse_args()
     c.setup(args)
     from diffmas_eval.core.backbone import load_backbone
@@ -107,8 +173,22 @@ def main() -> None:
             backbone.dtype, config.num_attention_heads, config.num_key_value_heads, head_dim
         ),
     }
+    if args.prototype:
+        payload["prototype"] = _prototype(backbone, prompts, args.max_gen_toks)
     lines = [f"Row {args.row} of a batch of 8 GSM8K prompts (single agent) vs that row alone.", ""]
-    lines += [f"- {key}: {value}" for key, value in payload.items() if key != "row"]
+    lines += [f"- {key}: {value}" for key, value in payload.items() if key not in ("row", "prototype")]
+    if args.prototype:
+        lines += [
+            "",
+            f"Greedy decoding of the 8 prompts, budget {args.max_gen_toks}, batch 1 vs batch 8:",
+            "",
+            "| kernels | batch 1 s | batch 8 s | docs/s ratio | identical outputs |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {v['batch_1_s']:.1f} | {v['batch_8_s']:.1f} | {v['ratio']:.2f}x | {v['identical']}/8 |"
+                for name, v in payload["prototype"].items()
+            ),
+        ]
     c.write_result(args, "batch_invariance", payload, lines)
 
 
