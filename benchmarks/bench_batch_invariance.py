@@ -8,7 +8,8 @@ Not a timing. For one row of a batch of 8 GSM8K prompts (single agent) and the s
   them (left padding) or after them (right padding), at several lengths.
 With `--prototype`, it also times greedy decoding of the 8 prompts at batch 1 vs batch 8 (single agent) with the
 backends' kernels and with a prototype that is not in the library: one-query attention computed row by row on each
-row's real positions, and the MLP down-projection row by row. It prints docs/s ratios and how many outputs match.
+row's real positions, with and without the MLP down-projection row by row. It prints docs/s ratios and how many
+outputs match.
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ def _prototype(backbone, prompts: list[list[int]], budget: int) -> dict[str, dic
     default_attention, default_class = backbone.model.config._attn_implementation, type(down[0])
     config = DecodingConfig(max_new_tokens=budget)
     out = {}
-    for variant in ("backends' kernels", "row-by-row prototype"):
-        prototype = variant != "backends' kernels"
-        backbone.model.set_attn_implementation("row_by_row" if prototype else default_attention)
+    variants = {  # name: (attention row by row, down-projection row by row)
+        "backends' kernels": (False, False),
+        "attention row by row": (True, False),
+        "row-by-row prototype (attention and down-projection)": (True, True),
+    }
+    for variant, (rows_attention, rows_down) in variants.items():
+        backbone.model.set_attn_implementation("row_by_row" if rows_attention else default_attention)
         for module in down:
-            module.__class__ = RowByRowLinear if prototype else default_class
+            module.__class__ = RowByRowLinear if rows_down else default_class
         with torch.inference_mode():
             began = time.perf_counter()
             alone = [generate(backbone, [prompt], None, config)[0].token_ids for prompt in prompts]
