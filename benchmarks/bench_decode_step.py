@@ -60,7 +60,6 @@ def main() -> None:
     from diffmas_eval.core.attention import NAME as PACKED_ATTENTION
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.decode import DecodingConfig, generate
-    from diffmas_eval.core.linear import PackedCPULinear
     from diffmas_eval.methods import LatentMAS
     from diffmas_eval.prompts import load_prompt_set
 
@@ -75,11 +74,12 @@ def main() -> None:
     default_attention = backbone.model.config._attn_implementation
 
     linears = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)]
+    default_linear = type(linears[0])  # PackedCPULinear unless this PyTorch build lacks oneDNN
 
     def configure(room: bool, packed_attention: bool, packed_linear: bool = False) -> None:
         trace_module.KVTrace.reserve = reserve if room else (lambda self, upcoming: None)
         for module in linears:
-            module.__class__ = PackedCPULinear if packed_linear else torch.nn.Linear
+            module.__class__ = default_linear if packed_linear else torch.nn.Linear
         wanted = PACKED_ATTENTION if packed_attention and default_attention == PACKED_ATTENTION else "sdpa"
         if backbone.model.config._attn_implementation != wanted:
             backbone.model.set_attn_implementation(wanted)
