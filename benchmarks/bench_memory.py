@@ -47,10 +47,10 @@ def _current_rss() -> int:
     return pages * resource.getpagesize()
 
 
-def _trace_bytes(trace) -> tuple[int, int, bool]:
-    """(distinct storage bytes, tensor numel bytes, every tensor owns exactly its storage)."""
+def _trace_bytes(cache) -> tuple[int, int, bool]:
+    """(distinct storage bytes, tensor numel bytes, every tensor owns exactly its storage) of a KV cache."""
     storages, numel_bytes, exact = {}, 0, True
-    for layer in trace.cache.layers:
+    for layer in cache.layers:
         for tensor in (layer.keys, layer.values):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
@@ -80,13 +80,12 @@ def child(args) -> dict:
     from diffmas_eval.core.decode import DecodingConfig
     from diffmas_eval.core.score import score_continuations
     from diffmas_eval.methods import LatentMAS, Question
-    from diffmas_eval.prompts import load_prompt_set
 
     backbone = load_backbone(args.pretrained, dtype=args.dtype, device="cpu")
     config = backbone.causal_lm.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * backbone.dtype.itemsize
-    method = LatentMAS(backbone, load_prompt_set(None), latent_steps=args.m)
+    method = LatentMAS(backbone, latent_steps=args.m)
     method.aligner  # noqa: B018  (solved before measuring)
     ordered = sorted(c.gsm8k_questions(args.pool), key=lambda q: len(backbone.encode(q)), reverse=True)
     first = (len(ordered) - args.batch) // 2
@@ -105,13 +104,14 @@ def child(args) -> dict:
         start = method.prepare(questions, DecodingConfig(max_new_tokens=1))
         trace = start.trace
         gc.collect()
-        trace_bytes, numel_bytes, exact = _trace_bytes(trace)
+        cache = trace.cache  # scoring consumes the trace handle; the cache it grows is measured afterwards
+        trace_bytes, numel_bytes, exact = _trace_bytes(cache)
         real, length = int(trace.mask.sum()), trace.length
         live = _live_storages()
         new_live = sum(b for p, b in live.items() if p not in baseline)
         score_continuations(backbone, start.prompts, trace, [letters] * len(questions))
         gc.collect()
-        after_bytes, _, _ = _trace_bytes(trace)
+        after_bytes, _, _ = _trace_bytes(cache)
         # Scoring prefills the judger's prompts onto the same cache (the trace is consumed), then scores on forks.
         after_real = real + sum(len(prompt) for prompt in start.prompts)
         after_live = sum(b for p, b in _live_storages().items() if p not in baseline)

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import yaml
 
-from diffmas_eval.prompts import DEFAULT_PROMPT_SET, load_prompt_set
+from diffmas_eval.prompts import DEFAULT_PROMPT_SET, PromptSet, load_prompt_set
 
 
 def test_shipped_set_has_every_role_and_format():
@@ -51,3 +51,15 @@ def test_a_prompt_file_missing_keys_is_refused(tmp_path):
         load_prompt_set(str(path))
     with pytest.raises(FileNotFoundError, match="shipped prompt set"):
         load_prompt_set("no-such-set")
+
+
+def test_a_question_and_a_transcript_holding_placeholders_are_inserted_verbatim():
+    template = "Q: {question}\nAgents:\n{transcript}\nAgain: {question}"
+    prompts = PromptSet(name="t", sha256="", data={"text_mas": {"sequential": {"judger": template}}}, path="")
+    question = "What does {transcript} mean?"
+    transcript = "Planner: the {question} asks about {transcript}\n"
+    rendered = prompts.render("text_mas", "sequential", "judger", question, transcript)
+    assert rendered == (
+        "Q: What does {transcript} mean?\nAgents:\nPlanner: the {question} asks about {transcript}"
+        "\nAgain: What does {transcript} mean?"
+    )

@@ -9,6 +9,8 @@ import torch
 from diffmas_eval.core import trace as trace_module
 from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.core.decode import DecodingConfig, generate
+from diffmas_eval.core.latent import build_aligner, run_latent_steps
+from diffmas_eval.core.score import score_continuations
 from diffmas_eval.core.trace import RESERVE_MIN, KVTrace, ReservableLayer, append_prompts, extend_trace
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
@@ -102,8 +104,6 @@ def test_no_room_is_reserved_while_autograd_records(backbone):
 @torch.no_grad()
 def test_rows_with_fewer_continuations_score_as_if_alone(backbone):
     """A batch where one row has more options than another scores the extra options on a row-selected fork."""
-    from diffmas_eval.core.score import score_continuations
-
     continuations = [[[30], [31, 32], [33]], [[34]]]
     batched = score_continuations(backbone, PROMPTS, _trace(backbone), continuations)
     for row, prompt in enumerate(PROMPTS):
@@ -152,3 +152,73 @@ def test_per_row_prefill_only_for_padded_cpu_batches_outside_autograd(backbone):
         # 10% padding: under the threshold, batching still pays
         assert not trace_module.prefill_per_row(backbone, None, [[1] * 10, [2] * 10, [3] * 10, [4] * 10, [5] * 6])
     assert not trace_module.prefill_per_row(backbone, None, padded)  # autograd records: training keeps its batch
+
+
+def _latent_steps(backbone, trace: KVTrace, steps: int) -> tuple[KVTrace, torch.Tensor]:
+    hidden = backbone.input_embeddings[[20, 21]].detach()
+    return run_latent_steps(backbone, trace, hidden, steps, build_aligner(backbone, realign=False))
+
+
+PADDED_BLOCK = [[20, 21, 22, 23], [24]]  # padded enough to be prefilled per row on CPU
+# Every core function that extends a trace, each applied to a 2-row trace.
+CONSUMERS = {
+    "extend_trace": lambda backbone, trace: _step(backbone, trace, 20),
+    "append_prompts": lambda backbone, trace: append_prompts(backbone, trace, [[20], [21]]),
+    "append_prompts per row": lambda backbone, trace: append_prompts(backbone, trace, PADDED_BLOCK),
+    "run_latent_steps": lambda backbone, trace: _latent_steps(backbone, trace, 2),
+    "run_latent_steps, 0 steps": lambda backbone, trace: _latent_steps(backbone, trace, 0),
+    "generate": lambda backbone, trace: generate(backbone, [[20], [21]], trace, DecodingConfig(max_new_tokens=3)),
+    "score_continuations": lambda backbone, trace: score_continuations(backbone, [[20], [21]], trace, [[[30]], [[31]]]),
+}
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+@torch.no_grad()
+def test_a_trace_handle_cannot_be_read_after_it_is_extended(backbone, consumer):
+    """The cache grows in place, so an old handle's mask would be shorter than its cache: every use of it raises."""
+    old = _trace(backbone)
+    CONSUMERS[consumer](backbone, old)
+    uses = [
+        lambda trace: trace.cache,
+        lambda trace: trace.mask,
+        lambda trace: trace.length,
+        lambda trace: trace.batch_size,
+        KVTrace.real_lengths,
+        KVTrace.fork,
+        lambda trace: trace.select_rows(torch.tensor([0])),
+        lambda trace: trace.reserve(4),
+        lambda trace: _step(backbone, trace, 21),
+    ]
+    for use in uses:
+        with pytest.raises(RuntimeError, match="consumed by extend_trace; fork"):
+            use(old)
+
+
+@torch.no_grad()
+def test_a_trace_built_from_a_cache_and_a_mask_is_live(backbone):
+    """As training builds one from checkpointed tensors."""
+    cache, mask = _trace(backbone).consume()
+    rebuilt = KVTrace(cache=cache, mask=mask)
+    assert rebuilt.length == mask.shape[1] and rebuilt.real_lengths() == [len(p) for p in PROMPTS]
+    extended, _ = _step(backbone, rebuilt, 20)
+    assert extended.length == mask.shape[1] + 1
+
+
+@torch.no_grad()
+def test_a_fork_keeps_its_length_and_contents_when_the_parent_is_extended(backbone):
+    parent = _trace(backbone)
+    parent.reserve(8)  # the parent writes its next positions in place, into storage the fork's tensors view
+    fork = parent.fork()
+    mask = fork.mask.clone()
+    keys = [layer.keys.clone() for layer in fork.cache.layers]
+    extended, _ = _step(backbone, parent, 40)
+    assert trace_module.prefill_per_row(backbone, extended, PADDED_BLOCK)
+    extended, _ = append_prompts(backbone, extended, PADDED_BLOCK)  # per row, written into the parent's room
+    assert extended.length == mask.shape[1] + 5
+    assert fork.length == mask.shape[1] and torch.equal(fork.mask, mask)
+    assert fork.real_lengths() == [len(p) for p in PROMPTS]
+    for layer, kept in zip(fork.cache.layers, keys, strict=True):
+        assert torch.equal(layer.keys, kept)
+    _, fork_logits = _step(backbone, fork, 41)
+    _, fresh_logits = _step(backbone, _trace(backbone), 41)
+    torch.testing.assert_close(fork_logits, fresh_logits, rtol=0, atol=0)

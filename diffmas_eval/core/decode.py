@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -108,12 +109,47 @@ def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
+# Committed tokens decoded again with the new ones: a token span can decode differently at the start of a text (a
+# SentencePiece leading space is dropped; a byte-level character may have started in an earlier token).
+STOP_SCAN_CONTEXT_TOKENS = 4
+
+
+class _StopScanner:
+    """Whether a row's text contains a stop string, decoding a few recent tokens per step instead of the whole row.
+
+    A token's text is committed once the text ends in a complete character (no trailing U+FFFD, which is what an
+    unfinished multi-byte character decodes to): the full decode then starts with the committed text and only the
+    tokens after it can change. Each step decodes those tokens behind `STOP_SCAN_CONTEXT_TOKENS` committed ones
+    and searches their text plus the committed text's last `max(len(stop)) - 1` characters, where any stop string
+    not already found must lie.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
+        self.decode = decode
+        self.stop = stop
+        self.keep = max(len(s) for s in stop) - 1
+        self.committed = 0  # tokens whose text is committed
+        self.tail = ""  # the last `keep` characters of the committed text
+
+    def scan(self, tokens: list[int]) -> bool:
+        """`tokens`: the row so far, one more than at the previous call. Whether its text contains a stop string."""
+        start = max(0, self.committed - STOP_SCAN_CONTEXT_TOKENS)
+        context = self.decode(tokens[start : self.committed])
+        new = self.decode(tokens[start:])[len(context) :]
+        recent = self.tail + new
+        if not new.endswith("\ufffd"):
+            self.committed = len(tokens)
+            self.tail = recent[max(0, len(recent) - self.keep) :]
+        return any(s in recent for s in self.stop)
+
+
 def generate(
     backbone: Backbone,
     prompts: list[list[int]],
     trace: KVTrace | None,
     config: DecodingConfig,
     seeds: list[int] | None = None,
+    prompt_embeds: list[torch.Tensor] | None = None,
 ) -> list[Generation]:
     """Decode every row from its prompt, prefilled on top of `trace` (consumed: its cache is extended in place).
 
@@ -122,6 +158,7 @@ def generate(
         trace: the working memory each row reads, or None.
         config: budget, stop strings and sampling settings.
         seeds: one seed per row, used only when sampling (a row's sample never depends on the other rows).
+        prompt_embeds: per row, the prompt as input embeddings `[len(prompt), D]` instead of its token ids' ones.
 
     Returns:
         One `Generation` per row. Decoding stops at an end-of-turn token, a stop string or the budget.
@@ -129,9 +166,10 @@ def generate(
     batch = len(prompts)
     if config.sampling and (seeds is None or len(seeds) != batch):
         raise ValueError("sampling needs one seed per row")
-    trace, logits = append_prompts(backbone, trace, prompts, output="logits")
+    trace, logits = append_prompts(backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds)
     mask = trace.mask
     position = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    scanners = [_StopScanner(backbone.decode, config.stop) for _ in range(batch)] if config.stop else None
     generators = None
     if config.sampling:
         generators = [torch.Generator(device=logits.device).manual_seed(int(s)) for s in seeds]
@@ -148,10 +186,10 @@ def generate(
                 active[row], stopped[row] = False, True
                 continue
             tokens[row].append(chosen[row])
-            if config.stop:
+            if scanners is not None and scanners[row].scan(tokens[row]):
                 text = backbone.decode(tokens[row])
                 cut = _first_stop(text, config.stop)
-                if cut is not None:
+                if cut is not None:  # always, unless a tokenizer decodes a token span unlike the full text
                     active[row], stopped[row], texts[row] = False, True, text[:cut]
         if not any(active) or step == config.max_new_tokens - 1:
             break

@@ -63,13 +63,14 @@ def run_latent_steps(
     """Take `steps` latent steps: each feeds `aligner(hidden)` as one input position and reads the new hidden state.
 
     Args:
-        trace: extended in place by `steps` positions (all real).
+        trace: consumed (its cache is extended in place by `steps` positions, all real), even when `steps == 0`.
         hidden: `[B, D]` last hidden state of the previous position.
         record: if given, each fed embedding `[B, D]` is appended (tests rebuild the sequence from them).
 
     Returns:
         (trace, last hidden state `[B, D]`).
     """
+    trace = KVTrace(*trace.consume())  # the caller's handle is retired whatever `steps` is, as by any extension
     ones = torch.ones((trace.batch_size, 1), dtype=trace.mask.dtype, device=trace.mask.device)
     for step in range(steps):
         trace.reserve(steps - step)

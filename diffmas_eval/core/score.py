@@ -17,6 +17,7 @@ def score_continuations(
     prompts: list[list[int]],
     trace: KVTrace | None,
     continuations: list[list[list[int]]],
+    prompt_embeds: list[torch.Tensor] | None = None,
 ) -> list[list[tuple[float, bool]]]:
     """Log-probability of each continuation given the final agent's prompt (and the trace), one prefill per row.
 
@@ -27,11 +28,12 @@ def score_continuations(
         prompts: final agent's rendered prompt per row (ends with its generation prompt).
         trace: working memory per row, or None.
         continuations: per row, the token ids of each candidate continuation.
+        prompt_embeds: per row, the prompt as input embeddings `[len(prompt), D]` instead of its token ids' ones.
 
     Returns:
         Per row, per continuation: (sum of token log-probs, whether every token is the greedy choice).
     """
-    state, last_logits = append_prompts(backbone, trace, prompts, output="logits")
+    state, last_logits = append_prompts(backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds)
     first_logprobs = torch.log_softmax(last_logits.float(), dim=-1)
     results: list[list[tuple[float, bool]]] = [[] for _ in prompts]
     rounds = max((len(c) for c in continuations), default=0)

@@ -8,7 +8,6 @@ mask and `position_ids = cumsum(mask) - 1` (see `positions_for_block`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -19,12 +18,38 @@ if TYPE_CHECKING:
     from diffmas_eval.core.backbone import Backbone
 
 
-@dataclass
 class KVTrace:
-    """A batched KV cache and its `[batch, length]` attention mask (1 = real position, 0 = pad slot)."""
+    """A batched KV cache and its `[batch, length]` attention mask (1 = real position, 0 = pad slot).
 
-    cache: DynamicCache
-    mask: torch.Tensor
+    One handle owns a trace. Extending it (`extend_trace` and everything built on it) grows the cache in place and
+    returns a new handle; the old one is consumed, and any later use of it raises (its mask would be shorter than
+    the cache it reads). To keep the trace as it is, extend a `fork()` instead.
+    """
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self._cache = cache
+        self._mask = mask
+        self._consumed = False
+
+    @property
+    def cache(self) -> DynamicCache:
+        self._check_live()
+        return self._cache
+
+    @property
+    def mask(self) -> torch.Tensor:
+        self._check_live()
+        return self._mask
+
+    def consume(self) -> tuple[DynamicCache, torch.Tensor]:
+        """Hand this trace's cache and mask to an extension: from now on this handle raises on every use."""
+        cache, mask = self.cache, self.mask
+        self._consumed = True
+        return cache, mask
+
+    def _check_live(self) -> None:
+        if self._consumed:
+            raise RuntimeError("this KVTrace was consumed by extend_trace; fork() it first to keep a copy")
 
     @property
     def batch_size(self) -> int:
@@ -174,7 +199,7 @@ def extend_trace(
     """Run one block (token ids or embeddings) on top of `trace` and append it to the trace.
 
     Args:
-        trace: the trace to extend (its cache is extended in place), or None to start one.
+        trace: the trace to extend (consumed: its cache is extended in place), or None to start one.
         block_mask: `[B, L]` mask of the block (left padding = 0).
         input_ids / inputs_embeds: `[B, L]` ids or `[B, L, D]` embeddings.
         output: "hidden" returns the last position's final hidden state `[B, D]` (no LM head is run);
@@ -183,8 +208,7 @@ def extend_trace(
     Returns:
         (extended trace, last-position output). The block's last column must be real for every row (left padding).
     """
-    cache = new_cache(backbone) if trace is None else trace.cache
-    full_mask = block_mask if trace is None else torch.cat([trace.mask, block_mask], dim=1)
+    cache, full_mask = _take_for_block(backbone, trace, block_mask)
     block_length = block_mask.shape[1]
     kwargs = {
         "input_ids": input_ids,
@@ -201,22 +225,47 @@ def extend_trace(
     return KVTrace(cache=cache, mask=full_mask), last
 
 
+def _take_for_block(
+    backbone: Backbone, trace: KVTrace | None, block_mask: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """The cache a block is appended to (`trace`'s, consumed here, or a new one) and its mask with the block."""
+    if trace is None:
+        return new_cache(backbone), block_mask
+    cache, mask = trace.consume()
+    return cache, torch.cat([mask, block_mask], dim=1)
+
+
 def append_prompts(
     backbone: Backbone,
     trace: KVTrace | None,
     prompts: list[list[int]],
     output: Literal["hidden", "logits"] = "hidden",
+    prompt_embeds: list[torch.Tensor] | None = None,
 ) -> tuple[KVTrace, torch.Tensor]:
-    """Left-pad `prompts` (one token list per row) and append them to `trace`; see `extend_trace`.
+    """Left-pad `prompts` (one token list per row) and append them to `trace` (consumed); see `extend_trace`.
 
     On CPU, outside autograd, a batch whose prompts differ in length enough (`prefill_per_row`) is prefilled one row
     at a time and the rows' keys and values are assembled into the same left-padded block the batched forward
     would write: there the batched forward only adds the pad positions' work.
     """
+    if prompt_embeds is not None and [len(e) for e in prompt_embeds] != [len(p) for p in prompts]:
+        raise ValueError("prompt_embeds must hold one [len(prompt), D] tensor per row, as long as its prompt")
     if prefill_per_row(backbone, trace, prompts):
-        return _append_per_row(backbone, trace, prompts, output)
+        return _append_per_row(backbone, trace, prompts, output, prompt_embeds)
     ids, mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
-    return extend_trace(backbone, trace, mask, input_ids=ids, output=output)
+    if prompt_embeds is None:
+        return extend_trace(backbone, trace, mask, input_ids=ids, output=output)
+    return extend_trace(backbone, trace, mask, inputs_embeds=left_pad_embeds(prompt_embeds, mask), output=output)
+
+
+def left_pad_embeds(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-row embeddings `[L_r, D]` left-padded (with zeros, never read) into `[B, L, D]` matching `mask [B, L]`."""
+    width = mask.shape[1]
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1])).to(mask.device)
+    for row, embeds in enumerate(rows):
+        if len(embeds):
+            out[row, width - len(embeds) :] = embeds.to(out.device)
+    return out
 
 
 # Per-row prefill when the padded block would be this much larger than its real tokens. A CPU prefill is compute-bound,
@@ -249,7 +298,11 @@ def _compact_row(trace: KVTrace, row: int) -> KVTrace:
 
 
 def _append_per_row(
-    backbone: Backbone, trace: KVTrace | None, prompts: list[list[int]], output: Literal["hidden", "logits"]
+    backbone: Backbone,
+    trace: KVTrace | None,
+    prompts: list[list[int]],
+    output: Literal["hidden", "logits"],
+    prompt_embeds: list[torch.Tensor] | None = None,
 ) -> tuple[KVTrace, torch.Tensor]:
     """`append_prompts` computed one row at a time (each row on its own real positions, no padding)."""
     _, block_mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
@@ -259,7 +312,8 @@ def _append_per_row(
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([prompt], dtype=torch.long, device=backbone.device)
         context = None if trace is None else _compact_row(trace, row)
-        extended, last = extend_trace(backbone, context, torch.ones_like(ids), input_ids=ids, output=output)
+        inputs = {"input_ids": ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds[row][None]}
+        extended, last = extend_trace(backbone, context, torch.ones_like(ids), output=output, **inputs)
         lasts.append(last)
         for index, layer in enumerate(extended.cache.layers):
             if row == 0:
@@ -270,8 +324,7 @@ def _append_per_row(
                 )
             for block, new in zip(blocks[index], (layer.keys, layer.values), strict=True):
                 block[row, :, width - len(prompt) :] = new[0, :, -len(prompt) :]
-    cache = new_cache(backbone) if trace is None else trace.cache
+    cache, full_mask = _take_for_block(backbone, trace, block_mask)
     for index, (keys, values) in enumerate(blocks):
         cache.update(keys, values, index)
-    full_mask = block_mask if trace is None else torch.cat([trace.mask, block_mask], dim=1)
     return KVTrace(cache=cache, mask=full_mask), torch.cat(lasts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ _SHIPPED = Path(__file__).resolve().parent
 TOPOLOGIES = ("sequential", "hierarchical")
 FINAL_ROLE = "judger"
 ANSWER_FORMATS = ("boxed_number", "boxed_expression", "boxed_letter", "python_function", "letter")
+_PLACEHOLDER = re.compile(r"\{(question|transcript)\}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,13 @@ class PromptSet:
         transcript: str = "",
         answer_format: str | None = None,
     ) -> str:
-        """The user message of one agent. Only the final agent (`answer_format` given) gets the format instruction."""
-        text = self.template(family, topology, role).replace("{transcript}", transcript.rstrip("\n"))
-        text = text.replace("{question}", question)
+        """The user message of one agent. Only the final agent (`answer_format` given) gets the format instruction.
+
+        Placeholders are filled in one pass over the template: a question or transcript that itself contains
+        `{question}` or `{transcript}` is inserted verbatim.
+        """
+        values = {"question": question, "transcript": transcript.rstrip("\n")}
+        text = _PLACEHOLDER.sub(lambda match: values[match[1]], self.template(family, topology, role))
         instruction = self.format_instruction(answer_format)
         return f"{text}\n\n{instruction}" if instruction else text
 
