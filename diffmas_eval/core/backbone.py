@@ -45,31 +45,66 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def model_fingerprint(config: Any, input_embeddings: torch.Tensor) -> str:
-    """A short identity of a backbone: its architecture config plus a checksum of the input embedding matrix.
+# Config keys that differ between loads of one checkpoint (path, dtype, library version, runtime choices).
+_VOLATILE_CONFIG_KEYS = (
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "quantization_config",
+    "architectures",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "_attn_implementation",
+)
+# Elements cast and hashed at a time: bounds the extra memory of fingerprinting a float32 model to 8 MB.
+_FINGERPRINT_CHUNK = 4 * 1024 * 1024
 
-    Two loads of the same weights give the same fingerprint whatever the path, dtype or device; adapters record it so
-    that an adapter is never applied to a different backbone.
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short identity of a backbone: sha256 over its config and every weight, streamed one tensor at a time.
+
+    Hashes the config (minus load-dependent keys), then each tensor of `model.state_dict()` (parameters and
+    persistent buffers) in sorted name order: its name, shape and bytes. Floating-point tensors are hashed after a
+    cast to bfloat16 on CPU, so float32 and bfloat16 loads of one checkpoint (and loads on any device) agree, while any
+    change a bfloat16 copy can see (a fine-tuned layer, a different checkpoint) changes the fingerprint; a float16
+    load generally does not match. A tensor tied to one hashed earlier (tied embeddings) is hashed as a reference to
+    that name. Pass the plain model before adapters are attached; adapters record this value so that an adapter is
+    never applied to a different backbone.
+
+    Returns:
+        16 hex characters.
     """
-    cfg = config.to_dict()
-    for volatile in (
-        "_name_or_path",
-        "torch_dtype",
-        "dtype",
-        "transformers_version",
-        "quantization_config",
-        "architectures",
-        "use_cache",
-        "_attn_implementation_autoset",
-        "_attn_implementation",
-    ):
+    cfg = model.config.to_dict()
+    for volatile in _VOLATILE_CONFIG_KEYS:
         cfg.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    emb = input_embeddings.detach().float()
-    # Row sums of a few fixed rows, rounded to survive dtype round trips (bf16 vs fp32 loads of one checkpoint).
-    rows = torch.linspace(0, emb.shape[0] - 1, steps=min(64, emb.shape[0])).long()
-    checksum = [round(float(v), 2) for v in emb[rows].abs().sum(dim=1).cpu()]
-    digest.update(json.dumps(checksum).encode())
+    buffer = torch.empty(_FINGERPRINT_CHUNK, dtype=torch.bfloat16)
+    hashed: dict[int, str] = {}  # id of a tensor already hashed -> its name
+    state = model.state_dict(keep_vars=True)
+    for name in sorted(state):
+        tensor = state[name]
+        if id(tensor) in hashed:
+            digest.update(f"{name}={hashed[id(tensor)]}\n".encode())
+            continue
+        hashed[id(tensor)] = name
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"cannot fingerprint the backbone: {name} is not in memory (offloaded); load it with a device_map "
+                "that fits every weight in memory"
+            )
+        floating = tensor.is_floating_point()
+        dtype_tag = "float" if floating else str(tensor.dtype)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{dtype_tag}\n".encode())
+        flat = tensor.detach().reshape(-1)
+        if not floating:
+            digest.update(flat.to("cpu").contiguous().view(torch.uint8).numpy())
+            continue
+        for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+            part = flat[start : start + _FINGERPRINT_CHUNK]
+            chunk = buffer[: part.numel()]
+            chunk.copy_(part)  # casts to bfloat16 (and moves to CPU) without a full-size copy
+            digest.update(chunk.view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 
@@ -220,6 +255,8 @@ def load_backbone(
             f"could not load pretrained={name!r}{offline}: it is not a local model directory, not an embedded model "
             f"name ({', '.join(embedded.EMBEDDED_MODELS)}) and not loadable from the hub.{hint} Cause: {err}"
         ) from err
+    # Before moving or repacking anything: the fingerprint reads the checkpoint's own weight parameters.
+    fingerprint = model_fingerprint(model)
     if device_map is None:
         model.to(resolve_device(device))
     if fast_cpu_kernels:
@@ -235,7 +272,6 @@ def load_backbone(
     if not eos_ids:
         raise ValueError(f"{name!r} defines no end-of-sequence token; cannot tell when an agent's turn ends")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    fingerprint = model_fingerprint(model.config, model.get_input_embeddings().weight)
     return Backbone(
         model=model,
         tokenizer=tokenizer,
