@@ -128,9 +128,11 @@ def upstream_trace(method: Any, questions: list[str], agents: int) -> Any:
 
 def make_backend(method: str, args: argparse.Namespace, sidecar: Path, **kwargs: Any) -> Any:
     """One lm-eval backend of ours (`single-agent`, `text-mas`, `latent-mas`) on CPU, as the CLI would build it."""
-    from diffmas_eval.lm_backend import BACKENDS
+    from diffmas_eval.lm_backend import backend_class
 
-    return BACKENDS[method](pretrained=args.pretrained, dtype=args.dtype, device="cpu", sidecar=str(sidecar), **kwargs)
+    return backend_class(method)(
+        pretrained=args.pretrained, dtype=args.dtype, device="cpu", sidecar=str(sidecar), **kwargs
+    )
 
 
 def forget_finished(lm: Any) -> None:

@@ -61,10 +61,9 @@ def main() -> None:
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.decode import DecodingConfig, generate
     from diffmas_eval.methods import LatentMAS
-    from diffmas_eval.prompts import load_prompt_set
 
     backbone = load_backbone(args.pretrained, dtype=args.dtype, device="cpu")
-    method = LatentMAS(backbone, load_prompt_set(None), latent_steps=0)
+    method = LatentMAS(backbone, latent_steps=0)
     questions = c.gsm8k_questions(max(args.batches))
     if args.same_question:
         questions = questions[:1] * len(questions)

@@ -26,10 +26,9 @@ def main() -> None:
     from diffmas_eval.core.latent import build_aligner, run_latent_steps
     from diffmas_eval.core.trace import append_prompts
     from diffmas_eval.methods import LatentMAS
-    from diffmas_eval.prompts import load_prompt_set
 
     backbone = load_backbone(args.pretrained, dtype=args.dtype, device="cpu")
-    method = LatentMAS(backbone, load_prompt_set(None), latent_steps=0)
+    method = LatentMAS(backbone, latent_steps=0)
     aligners = {"latent": build_aligner(backbone, realign=False), "latent+realign": build_aligner(backbone, True)}
     questions = c.gsm8k_questions(max(args.batches))
     token = backbone.encode(" the")[:1]

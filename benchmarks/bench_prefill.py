@@ -41,10 +41,9 @@ def main() -> None:
     from diffmas_eval.core import trace as trace_module
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.methods import LatentMAS
-    from diffmas_eval.prompts import load_prompt_set
 
     backbone = load_backbone(args.pretrained, dtype=args.dtype, device="cpu")
-    method = LatentMAS(backbone, load_prompt_set(None), latent_steps=0)
+    method = LatentMAS(backbone, latent_steps=0)
     agents = len(method.upstream_roles)
     threshold = trace_module.PER_ROW_PADDING_THRESHOLD
 

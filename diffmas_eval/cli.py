@@ -2,13 +2,15 @@
 
 diffmas-eval --model latent-mas --model_args latent_steps=10 --tasks mas_gsm8k --limit 8
 diffmas-eval ls tasks            # lm-eval's listing, including this project's tasks
-diffmas-eval models              # the methods and the embedded models
+diffmas-eval models              # the methods, their model args, and the embedded models
+diffmas-eval models latent-mas   # one method's model args
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 
 _LM_EVAL_COMMANDS = ("run", "ls", "validate")
@@ -43,7 +45,7 @@ def with_project_defaults(argv: list[str]) -> list[str]:
     """lm-eval arguments plus this project's defaults: `--include_path tasks/` when none is given, and a side-car
     file beside the results (model arg `sidecar`) when `--output_path` is given for one of our models."""
     from diffmas_eval.paths import tasks_dir
-    from diffmas_eval.registry import MODEL_TARGETS
+    from diffmas_eval.registry import model_names
 
     argv = list(argv)
     is_lm_eval_run = bool(argv) and (argv[0] in _LM_EVAL_COMMANDS or argv[0].startswith("-"))
@@ -52,19 +54,35 @@ def with_project_defaults(argv: list[str]) -> list[str]:
     model = _option_value(argv, "--model")
     output = _option_value(argv, "--output_path")
     model_args = _option_value(argv, "--model_args") or ""
-    if model in MODEL_TARGETS and output and "sidecar=" not in model_args:
+    if model and output and "sidecar=" not in model_args and model in model_names():
         directory = Path(output) if not output.endswith(".json") else Path(output).parent
-        sidecar = directory.resolve() / "sidecars" / f"{model}_{time.strftime('%Y-%m-%dT%H-%M-%S')}.jsonl"
+        # A random part: two evaluations started in the same second must not share a side-car (a resume store).
+        name = f"{model}_{time.strftime('%Y-%m-%dT%H-%M-%S')}_{uuid.uuid4().hex[:8]}.jsonl"
+        sidecar = directory.resolve() / "sidecars" / name
         argv = _set_option(argv, "--model_args", ",".join(filter(None, [model_args, f"sidecar={sidecar}"])))
     return argv
 
 
-def _print_models() -> None:
+def _print_models(only: list[str]) -> None:
+    """The registered methods with their model args (type, default, help; * = part of the run identity), then the
+    embedded models."""
     from diffmas_eval.embedded import DEFAULT_EMBEDDED_MODEL, EMBEDDED_MODELS
-    from diffmas_eval.registry import MODEL_TARGETS
+    from diffmas_eval.lm_backend import BackendArgs
+    from diffmas_eval.methods.registry import get_method, methods
+    from diffmas_eval.settings import describe
 
-    print("methods (lm-eval --model):", ", ".join(MODEL_TARGETS))
-    print("embedded models (model arg pretrained=NAME):")
+    names = only or list(methods())
+    print("methods (lm_eval --model NAME --model_args k=v,...; * = part of the run's identity):")
+    for name in names:
+        method = get_method(name)
+        trains = f"; train with diffmas-train --method {name}" if method.objective else ""
+        print(f"\n{name}: {method.description}{trains}")
+        for arg, type_name, default, help_text, identity in describe(method.config_class):
+            print(f"  {'*' if identity else ' '} {arg} ({type_name}, default {default!r}): {help_text}")
+    print("\nevery method also takes:")
+    for arg, type_name, default, help_text, _ in describe(BackendArgs):
+        print(f"    {arg} ({type_name}, default {default!r}): {help_text}")
+    print("\nembedded models (model arg pretrained=NAME):")
     for name, model in EMBEDDED_MODELS.items():
         default = " (default)" if name == DEFAULT_EMBEDDED_MODEL else ""
         print(f"  {name}{default}: {model.description}")
@@ -73,7 +91,7 @@ def _print_models() -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["models"]:
-        _print_models()
+        _print_models(argv[1:])
         return
     if argv[:1] == ["reproduce"]:
         from diffmas_eval.reproduce import main as reproduce

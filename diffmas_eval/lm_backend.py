@@ -1,18 +1,19 @@
 """lm-eval model backends: a thin adapter from lm-eval requests to batches for a method, and back.
 
-Model names: `single-agent`, `text-mas`, `latent-mas`, `diffmas`. All method logic lives in `diffmas_eval.methods`;
-decoding and scoring in `diffmas_eval.core`.
+One backend class per registered method (`methods/registry.py`), derived here: `backend_class("latent-mas")` is
+`LatentMASLM`. All method logic lives in `diffmas_eval.methods`; decoding and scoring in `diffmas_eval.core`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,38 +24,30 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from diffmas_eval import __version__
-from diffmas_eval.core.backbone import load_backbone, resolve_device, resolve_dtype
+from diffmas_eval.core.backbone import resolve_device
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
 from diffmas_eval.core.linear import uses_packed_cpu_linear
 from diffmas_eval.core.score import score_continuations
-from diffmas_eval.methods import METHODS, Method, Question
-from diffmas_eval.methods.latent_mas import LatentMAS
+from diffmas_eval.methods import Method, Question
+from diffmas_eval.methods.registry import get_method, methods
 from diffmas_eval.paths import cache_dir
-from diffmas_eval.prompts import FINAL_ROLE, TOPOLOGIES, load_prompt_set
+from diffmas_eval.prompts import FINAL_ROLE
+from diffmas_eval.settings import build_settings, setting, unknown_names_message
 
 logger = logging.getLogger(__name__)
 
-_COMMON_ARGS = (
-    "pretrained",
-    "dtype",
-    "device",
-    "batch_size",
-    "max_batch_size",
-    "topology",
-    "max_new_tokens",
-    "max_gen_toks",
-    "enable_thinking",
-    "system_prompt",
-    "prompts",
-    "seed",
-    "fast_cpu_kernels",
-    "sidecar",
-    "device_map",
-    "parallelize",
-    "revision",
-    "trust_remote_code",
-    "max_length",
-)
+
+@dataclass
+class BackendArgs:
+    """Model args of every backend that are about running requests, not about the method."""
+
+    device: str | None = setting("cuda, cuda:1, cpu, ... (default: CUDA if available); or lm-eval's --device.")
+    batch_size: str | None = setting("Rows per batch (an integer; auto is refused); or lm-eval's --batch_size.", "1")
+    max_batch_size: int | None = setting("Accepted for lm-eval compatibility; unused.")
+    max_gen_toks: int = setting("Final agent's budget when the task gives none (tasks give one).", 512)
+    seed: int = setting("Base seed; each request's seed derives from it and the request.", 1234)
+    sidecar: str | None = setting("Path of the per-document JSONL (default: a unique file in the user cache).")
+    max_length: int | None = setting("Context length for loglikelihood_rolling (default: the model's).")
 
 
 def _store_key(*parts: Any) -> str:
@@ -79,22 +72,10 @@ def _parse_batch_size(batch_size: int | str | None) -> int:
     return value
 
 
-def _as_bool(value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
-
-
 class MultiAgentLM(LM):
-    """Base lm-eval backend. Subclasses pick the method (`method_name`) and may accept extra model args."""
+    """Base lm-eval backend. `backend_class(name)` derives the class of each registered method."""
 
     method_name: ClassVar[str]
-    method_args: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MultiAgentLM:
@@ -110,85 +91,45 @@ class MultiAgentLM(LM):
             raise ValueError(f"{', '.join(twice)} given twice (in --model_args and as --{twice[0]}); give it once")
         return cls(**arg_dict, **extra)
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        dtype: str = "auto",
-        device: str | None = None,
-        batch_size: int | str | None = 1,
-        max_batch_size: int | None = None,
-        topology: str = "sequential",
-        max_new_tokens: int = 256,
-        max_gen_toks: int = 512,
-        enable_thinking: bool | None = None,
-        system_prompt: str | None = None,
-        prompts: str | None = None,
-        seed: int = 1234,
-        sidecar: str | None = None,
-        device_map: str | None = None,
-        parallelize: bool = False,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        max_length: int | None = None,
-        fast_cpu_kernels: bool = True,
-        **method_kwargs: Any,
-    ) -> None:
+    @classmethod
+    def parse_model_args(cls, args: dict[str, Any]) -> tuple[BackendArgs, Any]:
+        """Split and validate model args into (backend args, the method's config); raises before any model work."""
+        method_class = get_method(cls.method_name)
+        backend_names = {f.name for f in fields(BackendArgs)}
+        method_names = {f.name for f in fields(method_class.config_class)}
+        unknown = sorted(set(args) - backend_names - method_names)
+        if unknown:
+            known = sorted(backend_names | method_names)
+            raise ValueError(
+                f"--model {cls.method_name} does not take model arg(s) {unknown_names_message(unknown, known)}; "
+                f"it takes: {', '.join(known)} (see `diffmas-eval models`)"
+            )
+        what = f"--model {cls.method_name} model arg(s)"
+        backend = build_settings(BackendArgs, {k: v for k, v in args.items() if k in backend_names}, what=what)
+        config = build_settings(
+            method_class.config_class, {k: v for k, v in args.items() if k in method_names}, what=what
+        )
+        config.validate()
+        _parse_batch_size(backend.batch_size)
+        return backend, config
+
+    def __init__(self, **model_args: Any) -> None:
         super().__init__()
         # Validate everything a user can get wrong before loading any weights.
-        unknown = sorted(set(method_kwargs) - set(self.method_args))
-        if unknown:
-            known = list(_COMMON_ARGS) + list(self.method_args)
-            hints = [
-                f"{u!r} (did you mean {difflib.get_close_matches(u, known, n=1)[0]!r}?)"
-                if difflib.get_close_matches(u, known, n=1)
-                else repr(u)
-                for u in unknown
-            ]
-            raise ValueError(
-                f"--model {self.method_name} does not take model arg(s) {', '.join(hints)}; "
-                f"it takes: {', '.join(known)}"
-            )
-        self.batch_size = _parse_batch_size(batch_size)
-        resolve_dtype(dtype)
-        if topology not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {topology!r}; use one of {', '.join(TOPOLOGIES)}")
-        if "latent_steps" in method_kwargs or "communication" in method_kwargs:
-            LatentMAS.check_settings(method_kwargs.get("latent_steps", 0), method_kwargs.get("communication", "trace"))
-        prompt_set = load_prompt_set(prompts)
-        self.max_gen_toks = int(max_gen_toks)
-        self.max_length = max_length
-        self.seed = int(seed)
-        self._init_distributed(device)
-        if self.method_name == "diffmas" and not method_kwargs.get("adapter"):
-            # Checked here too so the error comes before the backbone is loaded.
-            raise ValueError(
-                "diffmas needs adapter=DIR (a directory written by `diffmas-train`); without it the "
-                "method would silently be LatentMAS, so use --model latent-mas for that"
-            )
-        if _as_bool(parallelize) and device_map is None:
-            device_map = "auto"
-        self.backbone = load_backbone(
-            pretrained,
-            dtype=dtype,
-            device=self._device,
-            device_map=device_map,
-            revision=revision,
-            trust_remote_code=_as_bool(trust_remote_code),
-            fast_cpu_kernels=_as_bool(fast_cpu_kernels),
-        )
-        self.method: Method = METHODS[self.method_name](
-            self.backbone,
-            prompt_set,
-            topology=topology,
-            system_prompt=system_prompt,
-            enable_thinking=_as_bool(enable_thinking),
-            max_new_tokens=max_new_tokens,
-            **{k: (_as_bool(v) if k == "realign" else v) for k, v in method_kwargs.items()},
-        )
-        self.prompt_set = prompt_set
+        args, config = self.parse_model_args(model_args)
+        self.batch_size = _parse_batch_size(args.batch_size)
+        self.max_gen_toks = int(args.max_gen_toks)
+        self.max_length = args.max_length
+        self.seed = int(args.seed)
+        self._init_distributed(args.device)
+        self.method: Method = get_method(self.method_name).load(config, self._device)
+        self.backbone = self.method.backbone
+        self.prompt_set = self.method.prompts
         self.totals: Counter[str] = Counter()
-        self.sidecar_path = Path(sidecar) if sidecar else self._default_sidecar()
-        if sidecar and self._world_size > 1:  # one file per process: appends from several processes could interleave
+        self._all_totals: Counter[str] | None = None  # summed over processes after each request type
+        self._sidecars: list[str] | None = None
+        self.sidecar_path = Path(args.sidecar) if args.sidecar else self._default_sidecar()
+        if args.sidecar and self._world_size > 1:  # one file per process: appends from several could interleave
             self.sidecar_path = self.sidecar_path.with_name(f"{self.sidecar_path.stem}.rank{self._rank}.jsonl")
         self.sidecar_path.parent.mkdir(parents=True, exist_ok=True)
         self._run_key = self.run_key()
@@ -265,6 +206,7 @@ class MultiAgentLM(LM):
 
         Requests already finished in the side-car under the same run configuration are not recomputed.
         """
+        others = self._other_contexts([r.args[0] for r in requests]) if self._needs_other_doc() else {}
         items = []
         occurrences: Counter[str] = Counter()
         for index, request in enumerate(requests):
@@ -276,11 +218,11 @@ class MultiAgentLM(LM):
             # Repeats of one request (lm-eval clones them) get different seeds; nothing depends on batch or order.
             seed = derive_seed(self.seed, key, occurrences[key])
             occurrences[key] += 1
-            store_key = _store_key("generate_until", context, gen_kwargs, answer_format, seed)
-            items.append((index, context, gen_kwargs, answer_format, seed, request, store_key))
+            partner = others.get(context)
+            store_key = _store_key("generate_until", context, gen_kwargs, answer_format, seed, partner)
+            items.append((index, context, gen_kwargs, answer_format, seed, request, store_key, partner))
         outputs: list[str | None] = [self._reuse(it[6]) for it in items]
         todo = [it for it, out in zip(items, outputs, strict=True) if out is None]
-        others = self._other_contexts([it[1] for it in items]) if self._needs_other_doc() else {}
         tokens = self._token_counts([it[1] for it in todo])
         collator = Collator(
             todo, sort_fn=lambda it: (-tokens[it[1]], it[0]), group_fn=lambda it: it[2], group_by="gen_kwargs"
@@ -288,14 +230,19 @@ class MultiAgentLM(LM):
         bar = tqdm(total=len(todo), desc=f"{self.method_name} generate_until", disable=disable_tqdm or self._rank != 0)
         for batch in collator.get_batched(n=self.batch_size):
             decoding = DecodingConfig.from_gen_kwargs(batch[0][2], self.max_gen_toks)
-            questions = [Question(it[1], it[3], it[4], others.get(it[1])) for it in batch]
+            questions = [Question(it[1], it[3], it[4], it[7]) for it in batch]
             began = time.perf_counter()
             with torch.inference_mode():
                 start = self.method.prepare(questions, decoding)
                 trace_tokens = start.trace_tokens()
                 with self.method.acting_as(FINAL_ROLE):
                     generations = generate(
-                        self.backbone, start.prompts, start.trace, decoding, [q.seed for q in questions]
+                        self.method.final_backbone(start),
+                        start.prompts,
+                        start.trace,
+                        decoding,
+                        [q.seed for q in questions],
+                        prompt_embeds=start.prompt_embeds,
                     )
             seconds = (time.perf_counter() - began) / len(batch)
             records = []
@@ -310,7 +257,8 @@ class MultiAgentLM(LM):
                     self._record(
                         item[5],
                         "generate_until",
-                        start.agents[row],
+                        start,
+                        row,
                         final,
                         trace_tokens[row],
                         seconds,
@@ -323,10 +271,11 @@ class MultiAgentLM(LM):
             self._write(records)
             bar.update(len(batch))
         bar.close()
+        self._gather_totals()
         return outputs
 
     def _needs_other_doc(self) -> bool:
-        return getattr(self.method, "communication", None) == "other_doc"
+        return getattr(self.method.config, "communication", None) == "other_doc"
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Score each continuation as the start of the final agent's reply (leading whitespace removed).
@@ -339,8 +288,9 @@ class MultiAgentLM(LM):
             context, _ = request.args
             groups.setdefault((context, self._answer_format(request)), []).append(index)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        others = self._other_contexts([k[0] for k in groups]) if self._needs_other_doc() else {}
         store_keys = {
-            key: _store_key("loglikelihood", key[0], [requests[i].args[1] for i in members], key[1])
+            key: _store_key("loglikelihood", key[0], [requests[i].args[1] for i in members], key[1], others.get(key[0]))
             for key, members in groups.items()
         }
         todo = []
@@ -353,7 +303,6 @@ class MultiAgentLM(LM):
                     results[index] = tuple(score)
         tokens = self._token_counts([k[0] for k in todo])
         todo.sort(key=lambda k: -tokens[k[0]])
-        others = self._other_contexts([k[0] for k in groups]) if self._needs_other_doc() else {}
         decoding = DecodingConfig(max_new_tokens=self.max_gen_toks)
         bar = tqdm(
             total=sum(len(groups[k]) for k in todo),
@@ -363,13 +312,18 @@ class MultiAgentLM(LM):
         for begin in range(0, len(todo), self.batch_size):
             batch = todo[begin : begin + self.batch_size]
             questions = [Question(ctx, fmt, derive_seed(self.seed, ctx), others.get(ctx)) for ctx, fmt in batch]
-            continuations = [[self.backbone.encode(requests[i].args[1].lstrip()) for i in groups[k]] for k in batch]
             began = time.perf_counter()
             with torch.inference_mode():
                 start = self.method.prepare(questions, decoding)
                 trace_tokens = start.trace_tokens()
+                final_backbone = self.method.final_backbone(start)
+                continuations = [
+                    [final_backbone.encode(requests[i].args[1].lstrip()) for i in groups[k]] for k in batch
+                ]
                 with self.method.acting_as(FINAL_ROLE):
-                    scores = score_continuations(self.backbone, start.prompts, start.trace, continuations)
+                    scores = score_continuations(
+                        final_backbone, start.prompts, start.trace, continuations, prompt_embeds=start.prompt_embeds
+                    )
             seconds = (time.perf_counter() - began) / len(batch)
             records = []
             for row, key in enumerate(batch):
@@ -384,7 +338,8 @@ class MultiAgentLM(LM):
                     self._record(
                         requests[groups[key][0]],
                         "loglikelihood",
-                        start.agents[row],
+                        start,
+                        row,
                         final,
                         trace_tokens[row],
                         seconds,
@@ -396,6 +351,7 @@ class MultiAgentLM(LM):
                 bar.update(len(groups[key]))
             self._write(records)
         bar.close()
+        self._gather_totals()
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -417,21 +373,23 @@ class MultiAgentLM(LM):
                 target = torch.tensor(continuation, device=logprobs.device)
                 total += float(logprobs.gather(-1, target[:, None]).sum())
             outputs.append(total)
+        self._gather_totals()
         return outputs
 
     # --- side-car: per-request accounting, and the store that lets an interrupted run resume ---
 
     def _default_sidecar(self) -> Path:
+        # A random part: two evaluations started in the same second by one process must not share a store.
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        return cache_dir() / "sidecars" / f"{self.method_name}-{stamp}-{os.getpid()}-rank{self._rank}.jsonl"
+        unique = uuid.uuid4().hex[:8]
+        return cache_dir() / "sidecars" / f"{self.method_name}-{stamp}-{os.getpid()}-{unique}-rank{self._rank}.jsonl"
 
     def run_key(self) -> str:
-        """Identity of what this run computes: method settings, backbone weights, prompt set, dtype, base seed.
-
-        Batch size, device, world size and CPU kernels are left out: results do not depend on them (beyond
-        floating-point rounding)."""
+        """Identity of what this run computes, down to the bit: method settings, backbone weights, prompt set, dtype,
+        base seed, and what changes 16-bit rounding (batch size, processes, CPU kernels). Device and side-car path
+        are left out."""
         info = self.get_model_info()["diffmas"]
-        for volatile in ("totals", "sidecar", "batch_size", "world_size", "version", "run_key", "cpu_kernels"):
+        for volatile in ("totals", "sidecar", "sidecars", "version", "run_key", "adapter"):
             info.pop(volatile, None)
         return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -463,7 +421,8 @@ class MultiAgentLM(LM):
         self,
         request: Any,
         request_type: str,
-        agents: list[Any],
+        start: Any,
+        row: int,
         final: dict[str, Any],
         trace_tokens: int,
         seconds: float,
@@ -478,7 +437,7 @@ class MultiAgentLM(LM):
             "doc_id": getattr(request, "doc_id", None),
             "method": self.method_name,
             "seed": seed,
-            "agents": [a.as_dict() for a in agents],
+            "agents": [a.as_dict() for a in start.agents[row]],
             "final": final,
             "trace_tokens": trace_tokens,
             "wall_seconds": round(seconds, 6),
@@ -486,6 +445,8 @@ class MultiAgentLM(LM):
             "store_key": store_key,
             "result": result,
         }
+        if start.extra_cost is not None:
+            record["extra"] = start.extra_cost[row]
         self._account(record)
         self._finished[store_key] = record
         return record
@@ -512,52 +473,68 @@ class MultiAgentLM(LM):
                 "final_budget_hit": int(stopped is False),
             }
         )
+        for name, value in (record.get("extra") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.totals[name] += value
         self.totals["wall_seconds"] += record["wall_seconds"]
+
+    def _gather_totals(self) -> None:
+        """Sum the totals over processes and collect every process's side-car path (a collective: every rank calls
+        it at the end of each request type, so rank 0's results config describes the whole run)."""
+        if self._world_size == 1:
+            return
+        gathered: list[Any] = [None] * self._world_size
+        torch.distributed.all_gather_object(gathered, (dict(self.totals), str(self.sidecar_path)))
+        summed: Counter[str] = Counter()
+        for totals, _ in gathered:
+            summed.update(totals)  # `update` keeps zero counts (`+` of Counters would drop them)
+        self._all_totals = summed
+        self._sidecars = [path for _, path in gathered]
 
     def get_model_info(self) -> dict[str, Any]:
         """Everything that identifies this run, merged by lm-eval into `results["config"]["diffmas"]`."""
-        settings = self.method.settings()
+        totals = self._all_totals if self._all_totals is not None else self.totals
+        backbone = self.method.backbone
         info = {
-            **settings,
-            "backbone": self.backbone.name,
-            "backbone_fingerprint": self.backbone.fingerprint,
-            "adapter": settings.get("adapter"),
-            "latent_steps": settings.get("latent_steps"),
-            "realign": settings.get("realign"),
-            "prompts": {"name": self.prompt_set.name, "sha256": self.prompt_set.sha256},
-            "dtype": str(self.backbone.dtype).removeprefix("torch."),
-            "cpu_kernels": "packed" if uses_packed_cpu_linear(self.backbone.model) else "stock",
+            **self.method.settings(),
+            "cpu_kernels": "packed" if uses_packed_cpu_linear(backbone.model) else "stock",
             "seed": self.seed,
             "batch_size": self.batch_size,
             "max_gen_toks_default": self.max_gen_toks,
             "version": __version__,
             "world_size": self._world_size,
-            "totals": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.totals.items()},
+            "totals": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in totals.items()},
             "sidecar": str(self.sidecar_path),
             "run_key": getattr(self, "_run_key", None),
         }
+        if self._sidecars is not None:
+            info["sidecars"] = self._sidecars
         return {"diffmas": info}
 
 
-class SingleAgentLM(MultiAgentLM):
-    method_name = "single-agent"
-    method_args = ("adapter",)
+_BACKENDS: dict[str, type[MultiAgentLM]] = {}
 
 
-class TextMASLM(MultiAgentLM):
-    method_name = "text-mas"
+def backend_class(method_name: str) -> type[MultiAgentLM]:
+    """The lm-eval backend class of a registered method, named after it (`LatentMAS` -> `LatentMASLM`)."""
+    if method_name not in _BACKENDS:
+        method = get_method(method_name)
+        _BACKENDS[method_name] = type(
+            f"{method.__name__}LM",
+            (MultiAgentLM,),
+            {"method_name": method_name, "__module__": __name__, "__doc__": f"lm-eval backend of `{method_name}`."},
+        )
+    return _BACKENDS[method_name]
 
 
-class LatentMASLM(MultiAgentLM):
-    method_name = "latent-mas"
-    method_args = ("latent_steps", "realign", "communication")
+def backends() -> dict[str, type[MultiAgentLM]]:
+    """Every registered method's backend class by model name."""
+    return {name: backend_class(name) for name in methods()}
 
 
-class DiffMASLM(MultiAgentLM):
-    method_name = "diffmas"
-    method_args = ("latent_steps", "realign", "communication", "adapter")
-
-
-BACKENDS: dict[str, type[MultiAgentLM]] = {
-    cls.method_name: cls for cls in (SingleAgentLM, TextMASLM, LatentMASLM, DiffMASLM)
-}
+def __getattr__(name: str) -> type[MultiAgentLM]:
+    """`SingleAgentLM`, `LatentMASLM`, ...: the backend classes by class name (what entry points name)."""
+    for method_name, method in methods().items():
+        if f"{method.__name__}LM" == name:
+            return backend_class(method_name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,13 @@
-"""Registering the backends with lm-eval's model registry (lazily: the classes load on first use)."""
+"""Registering the backends with lm-eval's model registry: one name per registered method (`methods/registry.py`)."""
 
 from __future__ import annotations
 
-MODEL_TARGETS = {
-    "single-agent": "diffmas_eval.lm_backend:SingleAgentLM",
-    "text-mas": "diffmas_eval.lm_backend:TextMASLM",
-    "latent-mas": "diffmas_eval.lm_backend:LatentMASLM",
-    "diffmas": "diffmas_eval.lm_backend:DiffMASLM",
-}
+
+def model_names() -> list[str]:
+    """The lm-eval model names of every registered method (built-ins and plugins)."""
+    from diffmas_eval.methods.registry import methods
+
+    return list(methods())
 
 
 def register_models() -> None:
@@ -19,9 +19,11 @@ def register_models() -> None:
     import lm_eval.models  # noqa: F401  (built-ins first, or they would vanish)
     from lm_eval.api.registry import model_registry
 
-    for name, target in MODEL_TARGETS.items():
+    from diffmas_eval.lm_backend import backend_class
+
+    for name in model_names():
         if name not in model_registry:
-            model_registry.register(name, target=target)
+            model_registry.register(name, target=backend_class(name))
 
 
 def suggest_model(name: str) -> str:

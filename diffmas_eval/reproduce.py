@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from diffmas_eval.registry import MODEL_TARGETS
+from diffmas_eval.registry import model_names
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note"}
@@ -104,7 +104,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for run in config["runs"]:
         if set(run) - _RUN_KEYS or "name" not in run or "model" not in run:
             raise ValueError(f"{path}: each run needs `name` and `model` (allowed keys {sorted(_RUN_KEYS)}): {run}")
-        if run["model"] not in MODEL_TARGETS:
+        if run["model"] not in model_names():
             raise ValueError(f"{path}: run {run['name']!r} has unknown model {run['model']!r}")
         if run["name"] in names:
             raise ValueError(f"{path}: run name {run['name']!r} is used twice")

@@ -118,24 +118,32 @@ def build_tiny_model(path: str | Path, *, tie_word_embeddings: bool = True, seed
     return path
 
 
-def write_random_adapter(model_dir: str | Path, out_dir: str | Path, *, per_role: bool = False, seed: int = 0) -> Path:
+def write_random_adapter(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    per_role: bool = False,
+    seed: int = 0,
+    roles: list[str] | None = None,
+) -> Path:
     """Write a DiffMAS adapter directory with random (non-zero) LoRA weights over `model_dir`, for tests.
 
     A freshly initialised LoRA adapter is a no-op (its B matrices are zero); this one is not, so a test can tell
     whether the adapter is applied, and to which role.
     """
-    import json
-
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from diffmas_eval.artifacts import write_manifest
     from diffmas_eval.core.backbone import load_backbone
-    from diffmas_eval.methods.diffmas import ADAPTER_CONFIG
     from diffmas_eval.prompts import load_prompt_set
 
     out_dir = Path(out_dir)
     backbone = load_backbone(str(model_dir), dtype="float32", device="cpu")
-    roles = load_prompt_set().roles("latent_mas", "sequential") if per_role else ["default"]
+    if per_role:
+        roles = roles or load_prompt_set().roles("latent_mas", "sequential")
+    else:
+        roles = ["default"]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     generator = torch.Generator().manual_seed(seed)
     for index, role in enumerate(roles):
@@ -145,13 +153,12 @@ def write_random_adapter(model_dir: str | Path, out_dir: str | Path, *, per_role
                 if "lora_" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * (0.3 + 0.1 * index))
         model.save_pretrained(out_dir / role if per_role else out_dir)
-    config = {
-        "backbone": str(model_dir),
-        "backbone_fingerprint": backbone.fingerprint,
+    manifest = {
+        "method": "diffmas",
+        "backbones": {"backbone": {"name": str(model_dir), "fingerprint": backbone.fingerprint}},
         "adapters": "per_role" if per_role else "shared",
         "roles": roles if per_role else None,
-        "method": "diffmas",
         "note": "random test adapter (diffmas_eval.testing.write_random_adapter)",
     }
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    write_manifest(out_dir, manifest)
     return out_dir

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from diffmas_eval.lm_backend import BACKENDS, DiffMASLM, LatentMASLM, SingleAgentLM, prompt_hash
+from diffmas_eval.lm_backend import DiffMASLM, LatentMASLM, SingleAgentLM, backend_class, prompt_hash
 from diffmas_eval.methods import Question
 from diffmas_eval.testing import write_random_adapter
 
@@ -59,7 +59,7 @@ def _make(name, kwargs, tiny_model_dir, adapters, tmp_path, **extra):
     kwargs = dict(kwargs)
     if name == "diffmas":
         kwargs["adapter"] = str(adapters[kwargs.pop("per_role", False)])
-    return BACKENDS[name](
+    return backend_class(name)(
         pretrained=str(tiny_model_dir),
         dtype="float32",
         device="cpu",
@@ -69,31 +69,48 @@ def _make(name, kwargs, tiny_model_dir, adapters, tmp_path, **extra):
     )
 
 
+def _fresh_run(name, kwargs, tiny_model_dir, adapters, directory, requests, batch_size, seed=1234):
+    """Outputs of one fresh backend (its own model load and an empty side-car of its own), asserting nothing was
+    reused: each side of an equality test is computed independently."""
+    directory.mkdir(parents=True)
+    lm = _make(name, kwargs, tiny_model_dir, adapters, directory, batch_size=batch_size, seed=seed)
+    outputs = lm.generate_until(requests, disable_tqdm=True)
+    totals = lm.get_model_info()["diffmas"]["totals"]
+    assert totals.get("reused_requests", 0) == 0 and totals["requests"] == len(requests)
+    return outputs
+
+
 @pytest.mark.parametrize(("name", "kwargs"), METHOD_CONFIGS)
 def test_greedy_outputs_identical_at_batch_size_1_and_n(name, kwargs, tiny_model_dir, adapters, tmp_path):
-    lm = _make(name, kwargs, tiny_model_dir, adapters, tmp_path)
     requests = _generate_requests({"until": [], "max_gen_toks": 10, "do_sample": False})
-    lm.batch_size = 1
-    one = lm.generate_until(requests, disable_tqdm=True)
-    lm.batch_size = 4
-    many = lm.generate_until(requests, disable_tqdm=True)
+    one = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b1", requests, 1)
+    many = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b4", requests, 4)
     assert one == many
     assert len(set(one)) > 1  # different prompts give different outputs: the comparison is not vacuous
 
 
+def test_a_second_call_on_one_backend_is_served_from_its_store(tiny_model_dir, adapters, tmp_path):
+    """Why the batch tests above build a fresh backend per side: a second call on the same backend reuses results."""
+    lm = _make("single-agent", {}, tiny_model_dir, adapters, tmp_path)
+    requests = _generate_requests({"until": [], "max_gen_toks": 4})
+    lm.generate_until(requests, disable_tqdm=True)
+    lm.batch_size = 3
+    lm.generate_until(requests, disable_tqdm=True)
+    assert lm.get_model_info()["diffmas"]["totals"]["reused_requests"] == len(requests)
+
+
 @pytest.mark.parametrize(("name", "kwargs"), [METHOD_CONFIGS[0], METHOD_CONFIGS[1], METHOD_CONFIGS[4]])
 def test_sampled_outputs_depend_on_seed_not_on_batch(name, kwargs, tiny_model_dir, adapters, tmp_path):
-    lm = _make(name, kwargs, tiny_model_dir, adapters, tmp_path)
     sampling = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 1.0, "top_p": 0.95}
-    lm.batch_size = 1
-    one = lm.generate_until(_generate_requests(sampling), disable_tqdm=True)
-    lm.batch_size = 3
-    many = lm.generate_until(_generate_requests(sampling), disable_tqdm=True)
-    greedy = lm.generate_until(_generate_requests({"until": [], "max_gen_toks": 10}), disable_tqdm=True)
+    requests = _generate_requests(sampling)
+    one = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b1", requests, 1)
+    many = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b3", requests, 3)
+    greedy_requests = _generate_requests({"until": [], "max_gen_toks": 10})
+    greedy = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "greedy", greedy_requests, 3)
+    reseeded = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "seed", requests, 3, seed=1235)
     assert one == many
     assert one != greedy
-    lm.seed += 1
-    assert lm.generate_until(_generate_requests(sampling), disable_tqdm=True) != one
+    assert reseeded != one
 
 
 def test_repeated_sampled_requests_get_different_seeds(tiny_model_dir, adapters, tmp_path):
@@ -222,7 +239,7 @@ def test_bad_input_fails_before_loading(tmp_path):
 
 
 def test_adapter_for_another_backbone_is_refused(tiny_untied_model_dir, adapters):
-    with pytest.raises(ValueError, match="trained on backbone"):
+    with pytest.raises(ValueError, match="was trained with backbone"):
         DiffMASLM(pretrained=str(tiny_untied_model_dir), dtype="float32", device="cpu", adapter=str(adapters[False]))
 
 
@@ -296,8 +313,8 @@ def test_diffmas_evaluates_as_trained_unless_told_otherwise(tiny_model_dir, adap
 
     adapter = tmp_path / "trained"
     shutil.copytree(adapters[False], adapter)
-    config = json.loads((adapter / "diffmas_adapter.json").read_text())
-    (adapter / "diffmas_adapter.json").write_text(json.dumps({**config, "latent_steps": 3, "realign": True}))
+    config = json.loads((adapter / "manifest.json").read_text())
+    (adapter / "manifest.json").write_text(json.dumps({**config, "latent_steps": 3, "realign": True}))
     common = {"pretrained": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "adapter": str(adapter)}
     lm = DiffMASLM(**common, sidecar=str(tmp_path / "a.jsonl"))
     assert lm.method.latent_steps == 3 and lm.method.realign is True
@@ -323,13 +340,40 @@ def test_batches_group_contexts_of_similar_token_length(tiny_model_dir, adapters
     assert [[q.text for q in batch] for batch in seen] == [by_tokens[:2], by_tokens[2:]]
 
 
-def test_cpu_kernels_are_recorded_and_do_not_change_the_run_key(tiny_model_dir, adapters, tmp_path):
+def test_cpu_kernels_and_batch_size_are_recorded_and_part_of_the_run_key(tiny_model_dir, adapters, tmp_path):
     (tmp_path / "fast").mkdir(), (tmp_path / "stock").mkdir()  # separate side-cars: nothing is reused
     fast = _make("latent-mas", {"latent_steps": 1}, tiny_model_dir, adapters, tmp_path / "fast")
     stock_args = {"latent_steps": 1, "fast_cpu_kernels": "false"}
     stock = _make("latent-mas", stock_args, tiny_model_dir, adapters, tmp_path / "stock")
     assert fast.get_model_info()["diffmas"]["cpu_kernels"] == "packed"
     assert stock.get_model_info()["diffmas"]["cpu_kernels"] == "stock"
-    assert fast.run_key() == stock.run_key()  # a run resumed with the other kernels reuses finished requests
+    # 16-bit outputs depend on kernels and batch composition, so a resumed run reuses results only under the same.
+    assert fast.run_key() != stock.run_key()
+    fast.batch_size = 2
+    assert fast.run_key() != fast._run_key
     requests = _generate_requests({"until": [], "max_gen_toks": 8})
     assert fast.generate_until(requests, disable_tqdm=True) == stock.generate_until(requests, disable_tqdm=True)
+
+
+def test_resume_at_another_limit_never_mixes_other_doc_pairings(tiny_model_dir, adapters, tmp_path):
+    """The other_doc partner of a document depends on which documents are in the run, so it is part of the store
+    key: a run resumed with more documents recomputes a document whose partner changed."""
+    args = {"latent_steps": 1, "communication": "other_doc"}
+    requests = _generate_requests({"until": [], "max_gen_toks": 6}, QUESTIONS)
+    first = _make("latent-mas", args, tiny_model_dir, adapters, tmp_path)
+    first.generate_until(requests[:3], disable_tqdm=True)  # partners 0->1, 1->2, 2->0
+    resumed = _make("latent-mas", args, tiny_model_dir, adapters, tmp_path)
+    got = resumed.generate_until(requests, disable_tqdm=True)  # partners 0->1, 1->2, 2->3, 3->4, 4->0
+    assert resumed.get_model_info()["diffmas"]["totals"]["reused_requests"] == 2
+    (tmp_path / "fresh").mkdir()
+    assert got == _make("latent-mas", args, tiny_model_dir, adapters, tmp_path / "fresh").generate_until(
+        requests, disable_tqdm=True
+    )
+
+
+def test_default_sidecars_of_two_backends_started_together_differ(tiny_model_dir, adapters, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFMAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("time.strftime", lambda *_: "20260101-000000")  # the same second
+    first = SingleAgentLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu")
+    second = SingleAgentLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu")
+    assert first.sidecar_path != second.sidecar_path

@@ -9,7 +9,7 @@ from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.core.decode import DecodingConfig
 from diffmas_eval.core.latent import RIDGE, build_aligner
 from diffmas_eval.core.trace import append_prompts
-from diffmas_eval.methods import METHODS, Question
+from diffmas_eval.methods import Question, methods
 from diffmas_eval.prompts import FINAL_ROLE, load_prompt_set
 
 QUESTIONS = [
@@ -58,7 +58,7 @@ def _uncached_reference(method, question, latents_per_agent):
 
 @pytest.mark.parametrize("topology", ["sequential", "hierarchical"])
 def test_m0_judger_equals_one_uncached_forward_over_concatenated_prompts(backbone, topology):
-    method = METHODS["latent-mas"](backbone, load_prompt_set(), topology=topology, latent_steps=0)
+    method = methods()["latent-mas"](backbone, topology=topology, latent_steps=0)
     logits = _judger_last_logits(method, QUESTIONS)
     for row, question in enumerate(QUESTIONS):
         ids = [t for role in method.upstream_roles for t in method.render(role, question.text)]
@@ -72,7 +72,7 @@ def test_m0_judger_equals_one_uncached_forward_over_concatenated_prompts(backbon
 @pytest.mark.parametrize("realign", [False, True])
 def test_latent_steps_equal_uncached_forward_with_recorded_latents(backbone, untied_backbone, topology, realign):
     model = untied_backbone if realign else backbone
-    method = METHODS["latent-mas"](model, load_prompt_set(), topology=topology, latent_steps=3, realign=realign)
+    method = methods()["latent-mas"](model, topology=topology, latent_steps=3, realign=realign)
     method.recorded_latents = []
     logits = _judger_last_logits(method, QUESTIONS)
     assert len(method.recorded_latents) == len(method.upstream_roles)
@@ -83,10 +83,9 @@ def test_latent_steps_equal_uncached_forward_with_recorded_latents(backbone, unt
 
 
 def test_trace_changes_the_judger_and_m0_still_passes_it(backbone):
-    prompts = load_prompt_set()
-    alone = _judger_last_logits(METHODS["latent-mas"](backbone, prompts, communication="none"), QUESTIONS)
+    alone = _judger_last_logits(methods()["latent-mas"](backbone, communication="none"), QUESTIONS)
     for steps in (0, 2):
-        method = METHODS["latent-mas"](backbone, prompts, latent_steps=steps)
+        method = methods()["latent-mas"](backbone, latent_steps=steps)
         with torch.no_grad():
             start = method.prepare(QUESTIONS, GREEDY)
         assert all(n > 0 for n in start.trace_tokens())
@@ -96,9 +95,8 @@ def test_trace_changes_the_judger_and_m0_still_passes_it(backbone):
 
 
 def test_other_doc_control_uses_another_documents_trace(backbone):
-    prompts = load_prompt_set()
-    own = METHODS["latent-mas"](backbone, prompts, latent_steps=1)
-    other = METHODS["latent-mas"](backbone, prompts, latent_steps=1, communication="other_doc")
+    own = methods()["latent-mas"](backbone, latent_steps=1)
+    other = methods()["latent-mas"](backbone, latent_steps=1, communication="other_doc")
     swapped = [
         Question(q.text, q.answer_format, q.seed, trace_text=QUESTIONS[(i + 1) % 3].text)
         for i, q in enumerate(QUESTIONS)
@@ -135,7 +133,7 @@ def test_alignment_solves_the_ridge_problem_for_untied_embeddings(untied_backbon
 def test_enable_thinking_reaches_the_qwen3_style_template(backbone):
     think_block = backbone.encode("<think>\n\n</think>\n\n")
     for enable, expect_block in ((False, True), (True, False), (None, False)):
-        method = METHODS["single-agent"](backbone, load_prompt_set(), enable_thinking=enable)
+        method = methods()["single-agent"](backbone, enable_thinking=enable)
         ids = method.final_prompt(QUESTIONS[0])
         tail = ids[-len(think_block) :]
         assert (tail == think_block) is expect_block, enable
@@ -145,7 +143,7 @@ def test_format_instruction_goes_to_the_final_agent_of_every_method_only(backbon
     prompts = load_prompt_set()
     instruction = prompts.format_instruction("boxed_number")
     for name in ("single-agent", "text-mas", "latent-mas"):
-        method = METHODS[name](backbone, prompts, max_new_tokens=4)
+        method = methods()[name](backbone, **({"max_new_tokens": 4} if name == "text-mas" else {}))
         final_text = backbone.tokenizer.decode(method.final_prompt(QUESTIONS[0]))
         assert instruction in final_text
         for role in method.upstream_roles:
@@ -153,7 +151,7 @@ def test_format_instruction_goes_to_the_final_agent_of_every_method_only(backbon
 
 
 def test_text_mas_transcript_order_and_content(backbone):
-    method = METHODS["text-mas"](backbone, load_prompt_set(), max_new_tokens=5)
+    method = methods()["text-mas"](backbone, max_new_tokens=5)
     with torch.no_grad():
         start = method.prepare(QUESTIONS[:2], GREEDY)
     final_text = backbone.tokenizer.decode(start.prompts[0])
@@ -167,7 +165,39 @@ def test_text_mas_transcript_order_and_content(backbone):
 
 
 def test_hierarchical_text_mas_runs_three_independent_solvers(backbone):
-    method = METHODS["text-mas"](backbone, load_prompt_set(), topology="hierarchical", max_new_tokens=4)
+    method = methods()["text-mas"](backbone, topology="hierarchical", max_new_tokens=4)
     with torch.no_grad():
         start = method.prepare(QUESTIONS[:2], GREEDY)
     assert [c.role for c in start.agents[1]] == ["math_solver", "science_solver", "code_solver"]
+
+
+def test_text_mas_runs_each_role_of_a_mixed_batch_under_its_own_adapter(tiny_model_dir, tmp_path):
+    """Hierarchical TextMAS decodes its three solvers in one batch; with one adapter per role, every row must be
+    decoded under its own role's adapter (compared with each role decoded alone under its adapter, a fresh model)."""
+    from diffmas_eval.core.decode import generate
+    from diffmas_eval.testing import write_random_adapter
+
+    roles = ["math_solver", "science_solver", "code_solver", "judger"]
+    adapter = write_random_adapter(tiny_model_dir, tmp_path / "per_role", per_role=True, roles=roles)
+    mixed = methods()["text-mas"](
+        load_backbone(str(tiny_model_dir), dtype="float32", device="cpu"),
+        topology="hierarchical",
+        max_new_tokens=6,
+        adapter=str(adapter),
+    )
+    start = mixed.prepare(QUESTIONS[:2], GREEDY)
+    got = {(call.role, row): call.text for row, calls in enumerate(start.agents) for call in calls}
+    alone = methods()["text-mas"](
+        load_backbone(str(tiny_model_dir), dtype="float32", device="cpu"),
+        topology="hierarchical",
+        max_new_tokens=6,
+        adapter=str(adapter),
+    )
+    expected = {}
+    for role in roles[:3]:
+        with torch.no_grad(), alone.acting_as(role):
+            prompts = [alone.render(role, q.text) for q in QUESTIONS[:2]]
+            outputs = generate(alone.backbone, prompts, None, GREEDY.for_upstream(6), [0, 0])
+        expected.update({(role, row): out.text for row, out in enumerate(outputs)})
+    assert got == expected
+    assert len({got[(role, 0)] for role in roles[:3]}) > 1  # the adapters differ, so the comparison is not vacuous

@@ -79,16 +79,16 @@ def test_builtins_survive_and_registering_twice_is_harmless():
 
     import lm_eval.api.registry as registry
 
-    from diffmas_eval.registry import MODEL_TARGETS, register_models
+    from diffmas_eval.registry import model_names, register_models
 
     register_models()
     register_models()
-    for name in ("hf", "dummy", *MODEL_TARGETS):
+    for name in ("hf", "dummy", *model_names()):
         assert registry.get_model(name) is not None
     # A later lm-eval registers entry points itself; our registration must leave such a name alone.
     registry.model_registry._objs.pop("diffmas", None)
     registry.model_registry.register(
-        "diffmas", target=EntryPoint("diffmas", MODEL_TARGETS["diffmas"], "lm_eval.models")
+        "diffmas", target=EntryPoint("diffmas", "diffmas_eval.lm_backend:DiffMASLM", "lm_eval.models")
     )
     register_models()
     assert registry.get_model("diffmas").__name__ == "DiffMASLM"
@@ -99,9 +99,15 @@ def test_builtins_survive_and_registering_twice_is_harmless():
 def test_entry_points_are_declared():
     from importlib.metadata import entry_points
 
-    declared = {ep.name: ep.value for ep in entry_points(group="lm_eval.models")}
-    assert declared["diffmas"] == "diffmas_eval.lm_backend:DiffMASLM"
-    assert set(declared) >= {"single-agent", "text-mas", "latent-mas", "diffmas"}
+    from diffmas_eval.lm_backend import backend_class
+    from diffmas_eval.methods.registry import BUILTIN_MODULES, methods
+
+    declared = {ep.name: ep for ep in entry_points(group="lm_eval.models") if ep.value.startswith("diffmas_eval.")}
+    builtins = [name for name, cls in methods().items() if cls.__module__ in BUILTIN_MODULES]
+    # The entry points (for lm-eval releases that discover them) name exactly the built-in methods' backends.
+    assert sorted(declared) == sorted(builtins)
+    for name, entry in declared.items():
+        assert entry.load() is backend_class(name)
 
 
 def test_importing_the_hook_does_not_import_lm_eval_or_torch():
@@ -218,6 +224,14 @@ def test_data_parallel_two_processes_match_one(tiny_model_dir, toy_task_dir, tmp
     two, samples_two = _results(tmp_path / "two")
     assert two["config"]["diffmas"]["world_size"] == 2
     assert [s["resps"] for s in samples_one] == [s["resps"] for s in samples_two]
+    # Cost covers every process, not rank 0 only: the totals and the side-cars the report reads.
+    totals_one, totals_two = one["config"]["diffmas"]["totals"], two["config"]["diffmas"]["totals"]
+    counts = [k for k in totals_one if k not in ("wall_seconds", "reused_requests")]
+    assert counts and {k: totals_two[k] for k in counts} == {k: totals_one[k] for k in counts}
+    sidecars = two["config"]["diffmas"]["sidecars"]
+    assert len(sidecars) == 2
+    lines = [json.loads(line) for path in sidecars for line in Path(path).read_text().splitlines()]
+    assert sorted(line["doc_id"] for line in lines) == list(range(len(TOY_ROWS)))
 
 
 @pytest.mark.slow

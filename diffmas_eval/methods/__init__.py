@@ -1,21 +1,16 @@
-"""Communication methods, by lm-eval model name."""
+"""Communication methods, registered by lm-eval model name (`methods/registry.py`)."""
 
-from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, Question
-from diffmas_eval.methods.diffmas import DiffMAS
-from diffmas_eval.methods.latent_mas import LatentMAS
-from diffmas_eval.methods.single_agent import SingleAgent
-from diffmas_eval.methods.text_mas import TextMAS
-
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SingleAgent, TextMAS, LatentMAS, DiffMAS)}
+from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, MethodConfig, MultiAgentConfig, Question
+from diffmas_eval.methods.registry import get_method, methods, register_method
 
 __all__ = [
-    "METHODS",
     "AgentCall",
-    "DiffMAS",
     "FinalAgentStart",
-    "LatentMAS",
     "Method",
+    "MethodConfig",
+    "MultiAgentConfig",
     "Question",
-    "SingleAgent",
-    "TextMAS",
+    "get_method",
+    "methods",
+    "register_method",
 ]

@@ -7,6 +7,7 @@ any decoder-only HF architecture.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,44 +16,54 @@ from diffmas_eval.core.backbone import Backbone
 from diffmas_eval.core.decode import DecodingConfig
 from diffmas_eval.core.latent import LatentAligner, build_aligner, run_latent_steps
 from diffmas_eval.core.trace import KVTrace, append_prompts
-from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, Question
-from diffmas_eval.prompts import PromptSet
+from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, MultiAgentConfig, Question
+from diffmas_eval.methods.registry import register_method
+from diffmas_eval.settings import setting
 
 COMMUNICATION_MODES = ("trace", "none", "other_doc")
 
 
+@dataclass
+class LatentMASConfig(MultiAgentConfig):
+    latent_steps: int | None = setting(
+        "m: latent steps per upstream agent (0 allowed: the judger still reads the trace).", 10
+    )
+    realign: bool | None = setting(
+        "Use the ridge alignment map W_a (else identity; the norm rescale applies either way).", False
+    )
+    communication: str = setting(
+        "trace; controls: none (final agent alone, same prompt), other_doc (another document's trace).", "trace"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        steps = self.latent_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise ValueError(f"latent_steps must be an integer >= 0, got {steps!r}")
+        if self.communication not in COMMUNICATION_MODES:
+            raise ValueError(
+                f"unknown communication {self.communication!r}; use one of {', '.join(COMMUNICATION_MODES)}"
+            )
+
+
+@register_method
 class LatentMAS(Method):
     """Sequential: planner, critic, refiner each prefill onto the cumulative trace and take m latent steps; the judger
     decodes on top. Hierarchical: the math, science and code agents chain through the same cumulative trace."""
 
     name = "latent-mas"
     family = "latent_mas"
+    config_class = LatentMASConfig
+    description = "LatentMAS (arXiv 2511.20639): upstream agents prefill one KV trace and take m latent steps"
+    default_communication = "trace"
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        prompts: PromptSet,
-        *,
-        latent_steps: int = 10,
-        realign: bool = False,
-        communication: str = "trace",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(backbone, prompts, **kwargs)
-        self.check_settings(latent_steps, communication)
-        self.latent_steps = int(latent_steps)
-        self.realign = bool(realign)
-        self.communication = communication
+    def __init__(self, backbone: Backbone, config: LatentMASConfig | None = None, **settings: Any) -> None:
+        super().__init__(backbone, config, **settings)
+        self.latent_steps = int(self.config.latent_steps or 0)
+        self.realign = bool(self.config.realign)
+        self.communication = self.config.communication
         self._aligner: LatentAligner | None = None
         self.recorded_latents: list[list[torch.Tensor]] | None = None  # set to [] to record fed embeddings per agent
-
-    @staticmethod
-    def check_settings(latent_steps: object, communication: object) -> None:
-        """Raise a clear ValueError for a bad `latent_steps` or `communication` (before any model work)."""
-        if not isinstance(latent_steps, int) or isinstance(latent_steps, bool) or latent_steps < 0:
-            raise ValueError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
-        if communication not in COMMUNICATION_MODES:
-            raise ValueError(f"unknown communication {communication!r}; use one of {', '.join(COMMUNICATION_MODES)}")
 
     @property
     def aligner(self) -> LatentAligner:
@@ -61,17 +72,24 @@ class LatentMAS(Method):
             self._aligner = build_aligner(self.backbone, self.realign)
         return self._aligner
 
+    def run_agent(self, role: str, prompts: list[list[int]], trace: KVTrace | None) -> KVTrace:
+        """One upstream agent under its adapter: prefill its prompts onto `trace` (consumed), then m latent steps.
+
+        Evaluation and training (`training/trace_nll.py`, in the autograd graph) both build traces through this."""
+        record = [] if self.recorded_latents is not None else None
+        with self.acting_as(role):
+            trace, hidden = append_prompts(self.backbone, trace, prompts, output="hidden")
+            trace, _ = run_latent_steps(self.backbone, trace, hidden, self.latent_steps, self.aligner, record)
+        if record is not None:
+            self.recorded_latents.append(record)
+        return trace
+
     def build_trace(self, trace_questions: list[str], agents: list[list[AgentCall]]) -> KVTrace | None:
         """Run every upstream agent on the cumulative trace: prefill its prompt, then m latent steps."""
         trace = None
         for role in self.upstream_roles:
             prompts = [self.render(role, text) for text in trace_questions]
-            record = [] if self.recorded_latents is not None else None
-            with self.acting_as(role):
-                trace, hidden = append_prompts(self.backbone, trace, prompts, output="hidden")
-                trace, _ = run_latent_steps(self.backbone, trace, hidden, self.latent_steps, self.aligner, record)
-            if record is not None:
-                self.recorded_latents.append(record)
+            trace = self.run_agent(role, prompts, trace)
             for row, prompt in enumerate(prompts):
                 agents[row].append(AgentCall(role=role, prompt_tokens=len(prompt), latent_steps=self.latent_steps))
         return trace
@@ -87,10 +105,4 @@ class LatentMAS(Method):
         return FinalAgentStart(prompts=[self.final_prompt(q) for q in questions], trace=trace, agents=agents)
 
     def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "max_new_tokens": None,
-            "latent_steps": self.latent_steps,
-            "realign": self.realign,
-            "communication": self.communication,
-        }
+        return {**super().settings(), "latent_steps": self.latent_steps, "realign": self.realign}

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from diffmas_eval.core.backbone import Backbone
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
-from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, Question
+from diffmas_eval.methods.adapter import attach_adapter
+from diffmas_eval.methods.base import AgentCall, FinalAgentStart, Method, MultiAgentConfig, Question
+from diffmas_eval.methods.registry import register_method
+from diffmas_eval.methods.single_agent import adapter_settings
+from diffmas_eval.settings import setting
 
 
+@dataclass
+class TextMASConfig(MultiAgentConfig):
+    max_new_tokens: int = setting("Budget of each upstream text agent (tokens).", 256)
+    adapter: str | None = setting(
+        "LoRA adapter(s) from `diffmas-train` (shared, or one per role); each role runs under its own.",
+        identity=False,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@register_method
 class TextMAS(Method):
     """Sequential: planner -> critic -> refiner -> judger, each reading the transcript so far.
     Hierarchical: math, science and code solvers answer independently (one batched decode), a summarizer judges."""
 
     name = "text-mas"
     family = "text_mas"
+    config_class = TextMASConfig
+    description = "TextMAS: upstream agents write text; the final agent reads the transcript"
+    default_communication = "text"
+
+    def __init__(self, backbone: Backbone, config: TextMASConfig | None = None, **settings: Any) -> None:
+        super().__init__(backbone, config, **settings)
+        self.max_new_tokens = self.config.max_new_tokens
+        self.adapter_manifest = attach_adapter(backbone, self.config.adapter) if self.config.adapter else None
 
     def _run_agents(
         self,
@@ -23,11 +52,28 @@ class TextMAS(Method):
         decoding: DecodingConfig,
         agents: list[list[AgentCall]],
     ) -> list[str]:
-        """Decode one text turn for every (role, row) pair in a single batch; returns the texts in that order."""
+        """Decode one text turn for every (role, row) pair; returns the texts in that order.
+
+        Pairs of all roles are one batched decode when the roles share weights; roles with their own adapters
+        decode as one batch per role, each under its adapter."""
         prompts = [self.render(role, questions[row].text, transcripts[row]) for role, row in role_rows]
         seeds = [derive_seed(questions[row].seed, role) for role, row in role_rows]
-        with self.acting_as(role_rows[0][0]):
-            outputs = generate(self.backbone, prompts, None, decoding.for_upstream(self.max_new_tokens), seeds)
+        own = self.role_adapters()
+        groups: dict[str | None, list[int]] = {}
+        for index, (role, _) in enumerate(role_rows):
+            groups.setdefault(role if role in own else None, []).append(index)
+        outputs: list[Any] = [None] * len(role_rows)
+        for indices in groups.values():
+            with self.acting_as(role_rows[indices[0]][0]):  # a no-op for roles without their own adapter
+                decoded = generate(
+                    self.backbone,
+                    [prompts[i] for i in indices],
+                    None,
+                    decoding.for_upstream(self.max_new_tokens),
+                    [seeds[i] for i in indices],
+                )
+            for index, out in zip(indices, decoded, strict=True):
+                outputs[index] = out
         for (role, row), prompt, out in zip(role_rows, prompts, outputs, strict=True):
             agents[row].append(
                 AgentCall(role=role, prompt_tokens=len(prompt), generated_tokens=len(out.token_ids), text=out.text)
@@ -42,7 +88,7 @@ class TextMAS(Method):
             for role in self.upstream_roles:
                 texts = self._run_agents([(role, r) for r in rows], questions, transcripts, decoding, agents)
                 transcripts = [
-                    t + self.prompts.transcript_entry(role, text) for t, text in zip(transcripts, texts, strict=False)
+                    t + self.prompts.transcript_entry(role, text) for t, text in zip(transcripts, texts, strict=True)
                 ]
         else:
             pairs = [(role, r) for role in self.upstream_roles for r in rows]
@@ -50,10 +96,10 @@ class TextMAS(Method):
             for (role, r), text in zip(pairs, texts, strict=True):
                 transcripts[r] += self.prompts.transcript_entry(role, text)
         return FinalAgentStart(
-            prompts=[self.final_prompt(q, t) for q, t in zip(questions, transcripts, strict=False)],
+            prompts=[self.final_prompt(q, t) for q, t in zip(questions, transcripts, strict=True)],
             trace=None,
             agents=agents,
         )
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "communication": "text"}
+        return {**super().settings(), **adapter_settings(self.config.adapter, self.adapter_manifest)}

@@ -24,24 +24,40 @@ import pandas as pd
 
 from diffmas_eval.reporting.taxonomy import OTHER_DOMAIN, headline_metric, secondary_metrics, task_domain
 
-OUR_METHODS = ("single-agent", "text-mas", "latent-mas", "diffmas")
-# Fields of config.diffmas that say *what was run*; totals, side-car path, package version and seed are not part of
-# the configuration (a rerun with a newer package replaces the older one; seeds are reported side by side).
-IDENTITY_FIELDS = (
-    "method",
-    "backbone",
-    "backbone_fingerprint",
-    "adapter",
-    "topology",
-    "latent_steps",
-    "realign",
-    "communication",
-    "enable_thinking",
-    "max_new_tokens",
-    "prompts",
-    "dtype",
+# Fields of config.diffmas that describe *how* a run was executed, not *what* was run: everything else a method records
+# (`Method.settings()`) is its identity. Totals, side-car path, package version and seed are not part of the
+# configuration (a rerun with a newer package replaces the older one; seeds are reported side by side); an adapter is
+# identified by its weights' fingerprint where results record one, not by its path.
+RUN_FIELDS = frozenset(
+    {
+        "totals",
+        "sidecar",
+        "sidecars",
+        "version",
+        "run_key",
+        "seed",
+        "batch_size",
+        "world_size",
+        "cpu_kernels",
+        "max_gen_toks_default",
+        "adapter_training",
+    }
 )
-DEFAULT_COMMUNICATION = {"single-agent": "none", "text-mas": "text", "latent-mas": "trace", "diffmas": "trace"}
+
+
+def method_order() -> list[str]:
+    """Registered method names in report order (built-ins first)."""
+    from diffmas_eval.methods.registry import methods
+
+    return list(methods())
+
+
+def default_communication(method: str) -> str | None:
+    """What `communication` is for a method's main row (other values are controls); None for unknown methods."""
+    from diffmas_eval.methods.registry import methods
+
+    cls = methods().get(method)
+    return cls.default_communication if cls is not None else None
 
 
 class WarningLog:
@@ -148,7 +164,9 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
         if not isinstance(diffmas, dict) or not diffmas.get("method") or not diffmas.get("backbone"):
             log.warn(path, "config.diffmas lacks `method` or `backbone`; file skipped")
             return None
-        identity = {name: diffmas.get(name) for name in IDENTITY_FIELDS}
+        identity = {name: value for name, value in diffmas.items() if name not in RUN_FIELDS}
+        if identity.get("adapter_fingerprint"):
+            identity.pop("adapter", None)
         prompts = identity.get("prompts")
         identity["prompts"] = prompts.get("sha256") if isinstance(prompts, dict) else prompts
         identity["decoding"] = decoding
@@ -245,7 +263,7 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
         log.warn(path, "no usable task results; file skipped")
         return None
     _attach_samples(run, data.get("task_hashes") or {}, log)
-    _attach_sidecar(run, diffmas.get("sidecar"), log, diffmas.get("run_key"))
+    _attach_sidecar(run, diffmas.get("sidecars") or diffmas.get("sidecar"), log, diffmas.get("run_key"))
     return run
 
 
@@ -362,12 +380,14 @@ def _read_samples(path: Path, result: TaskResult, expected_hash: str | None, log
 
 
 def _resolve_sidecar(run: Run, declared: str) -> Path | None:
-    """The side-car path as recorded, else a file of the same name near the results file (moved results)."""
+    """The side-car path as recorded (a relative one from the results file's directory or the output directory
+    above it), else a file of the same name near the results file (moved results)."""
     candidate = Path(declared)
-    if not candidate.is_absolute():
-        candidate = run.path.parent / candidate
-    if candidate.is_file():
+    if candidate.is_absolute() and candidate.is_file():
         return candidate
+    for folder in (run.path.parent, run.path.parent.parent):
+        if not candidate.is_absolute() and (folder / candidate).is_file():
+            return folder / candidate
     # Moved results: the same file name beside the results file, or one level up (`<output_path>/sidecar.jsonl` when
     # lm-eval put the results in `<output_path>/<model name>/`).
     for folder in (run.path.parent, run.path.parent.parent):
@@ -380,15 +400,19 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | Non
     """Per-document cost and stopping from the backend's side-car JSONL (see TEAM.md for its line format)."""
     if not declared:
         return
-    path = _resolve_sidecar(run, str(declared))
-    if path is None:
-        log.warn(run.path, f"side-car {declared} not found (nor beside the results file); using config totals")
-        return
+    paths = []
+    for one in declared if isinstance(declared, list) else [declared]:  # data parallel: one side-car per process
+        path = _resolve_sidecar(run, str(one))
+        if path is None:
+            log.warn(run.path, f"side-car {one} not found (nor beside the results file); using config totals")
+            return
+        paths.append(path)
     per_doc: dict[tuple[str, Any], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     records: dict[Any, dict[str, Any]] = {}
     line_no = skipped = 0
+    path = paths[0]
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in (line for path in paths for line in path.read_text(encoding="utf-8").splitlines()):
             line_no += 1
             if not line.strip():
                 continue

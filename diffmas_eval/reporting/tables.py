@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from diffmas_eval.reporting.baselines import matching_baselines, normalize_backbone
-from diffmas_eval.reporting.load import DEFAULT_COMMUNICATION, OUR_METHODS, Run, TaskResult, WarningLog
+from diffmas_eval.reporting.load import Run, TaskResult, WarningLog, default_communication, method_order
 from diffmas_eval.reporting.stats import paired_compare
 from diffmas_eval.reporting.taxonomy import (
     DOMAIN_ORDER,
@@ -80,14 +80,10 @@ def run_kind(run: Run) -> str:
     """`method`, `control` (communication removed or swapped, or a LoRA single agent) or `lm-eval model`."""
     if run.source != "diffmas":
         return "lm-eval model"
-    ident = run.identity
-    if ident["method"] in ("latent-mas", "diffmas") and ident.get("communication") in ("none", "other_doc"):
-        return "control"
-    if ident["method"] == "single-agent" and ident.get("adapter"):
-        return "control"
-    if ident["method"] == "text-mas" and ident.get("communication") not in (None, "text"):
-        return "control"
-    return "method"
+    from diffmas_eval.methods.registry import methods
+
+    method = methods().get(run.identity["method"])
+    return "control" if method is not None and method.is_control(run.identity) else "method"
 
 
 def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
@@ -96,12 +92,14 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
     parts = []
     if ident.get("latent_steps") is not None:
         parts.append(f"m={ident['latent_steps']}")
-    if ident.get("realign") is not None and method in ("latent-mas", "diffmas"):
+    if ident.get("realign") is not None and ident.get("latent_steps") is not None:
         parts.append("realign" if ident["realign"] else "no-realign")
     if ident.get("adapter"):
         parts.append(f"adapter={str(ident['adapter']).rstrip('/').rsplit('/', 1)[-1]}")
+    elif ident.get("adapter_fingerprint"):
+        parts.append(f"adapter={ident['adapter_fingerprint'][:8]}")
     comm = ident.get("communication")
-    if comm and comm != DEFAULT_COMMUNICATION.get(method):
+    if comm and comm != default_communication(method):
         parts.append(f"communication={comm}")
     if ident.get("enable_thinking"):
         parts.append("thinking")
@@ -137,7 +135,7 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
         multi_seed = len(seeds_per_config[row.run.identity_key]) > 1
         row.settings = ", ".join(_settings(row.run, with_seed=multi_seed, with_date=all_runs))
     _disambiguate(list(rows.values()))
-    method_rank = {m: i for i, m in enumerate(OUR_METHODS)}
+    method_rank = {m: i for i, m in enumerate(method_order())}
     return sorted(
         rows.values(),
         key=lambda r: (

@@ -19,7 +19,7 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 
 from diffmas_eval.benchmarks.sources import load_rows
-from diffmas_eval.lm_backend import BACKENDS
+from diffmas_eval.lm_backend import backend_class
 
 CONDITIONS = {
     # condition -> (lm-eval model name, needs an adapter)
@@ -51,7 +51,7 @@ def main() -> None:
         model_args["latent_steps"] = args.latent_steps
     if needs_adapter:
         model_args["adapter"] = args.adapter
-    lm = BACKENDS[model](**model_args)
+    lm = backend_class(model)(**model_args)
 
     docs = load_rows(args.benchmark)[: args.limit]
     requests = []
