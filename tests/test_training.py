@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,15 @@ from safetensors.torch import load_file
 
 from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.lm_backend import DiffMASLM, SingleAgentLM
-from diffmas_eval.methods.diffmas import attach_adapter
+from diffmas_eval.methods.adapter import attach_adapter
 from diffmas_eval.training.config import build_config, parse_args
 from diffmas_eval.training.data import prepare_items
 from diffmas_eval.training.lora import attach_lora
-from diffmas_eval.training.trainer import TRAIN_LOG, build_loss, build_method, train
+from diffmas_eval.training.trace_nll import build_loss, build_method
+from diffmas_eval.training.trainer import TRAIN_LOG, train
 from diffmas_eval.training.unroll import TraceLoss, encode_items
 
+FIXTURE_DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 ITEMS = [
     {"question": f"Question {i}: is the {['plant', 'cell', 'book', 'train'][i % 4]} green?", "target": t}
     for i, t in enumerate(["yes", "no", "no", "yes", "yes", "no", "yes", "no"])
@@ -171,8 +174,13 @@ def _backend_nll(lm, items) -> list[float]:
 def test_training_loss_equals_backend_negative_loglikelihood(tmp_path, tiny_model_dir, data_file, settings):
     config = make_config(tmp_path, tiny_model_dir, data_file, **settings)
     output = train(config)
-    record = json.loads((output / "diffmas_adapter.json").read_text())
-    assert record["backbone_fingerprint"] and record["steps"] == 2 and record["data"]["counts"]["used"] == len(ITEMS)
+    record = json.loads((output / "manifest.json").read_text())
+    assert record["method"] == config.method and record["git_revision"] and record["config"]["data"]
+    assert (
+        record["backbones"]["backbone"]["fingerprint"]
+        and record["steps"] == 2
+        and record["data"]["counts"]["used"] == len(ITEMS)
+    )
     if config.method == "single-agent":
         lm = SingleAgentLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=3)
         attach_adapter(lm.backbone, output)
@@ -212,7 +220,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, tiny
     straight = train(make_config(tmp_path, tiny_model_dir, data_file, "straight", **settings))
     make_interrupted = make_config(tmp_path, tiny_model_dir, data_file, "pieces", stop_after_steps=2, **settings)
     pieces = train(make_interrupted)
-    assert not (pieces / "diffmas_adapter.json").exists()
+    assert not (pieces / "manifest.json").exists()
     with pytest.raises(ValueError, match="--resume"):
         train(make_config(tmp_path, tiny_model_dir, data_file, "pieces", **settings))
     train(make_config(tmp_path, tiny_model_dir, data_file, "pieces", resume=True, **settings))
@@ -294,21 +302,70 @@ def test_adapter_for_another_backbone_is_refused(tmp_path, tiny_model_dir, tiny_
         DiffMASLM(pretrained=str(tiny_untied_model_dir), dtype="float32", device="cpu", adapter=str(output))
 
 
-def test_decontamination_drops_mbpp_plus_tasks(monkeypatch, shared_data_dir):
+def _arc_row(row_id: str, stem: str, options: list[str], gold: int) -> dict:
+    choices = [{"text": text, "label": "ABCDE"[i]} for i, text in enumerate(options)]
+    return {"id": row_id, "question": {"stem": stem, "choices": choices}, "answerKey": "ABCDE"[gold]}
+
+
+def _mbpp_row(task_id: int, prompt: str, code: str, test: str) -> dict:
+    return {"task_id": task_id, "prompt": prompt, "code": code, "test_list": [test]}
+
+
+def _data_dir_with_train_splits(root: Path, splits: dict[str, list[dict]]) -> Path:
+    """A data directory: the evaluation items of tests/fixtures/data plus the given train split files."""
+    data = shutil.copytree(FIXTURE_DATA, root / "data")
+    for relative, rows in splits.items():
+        path = data / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def test_decontamination_drops_evaluation_items(tmp_path, monkeypatch):
+    """MBPP tasks that are MBPP+ tasks (by id, even reworded) and choice items that are evaluation items (same stem
+    and options, in any order) are dropped; the same stem with other options is kept."""
+    mbpp_train = [
+        _mbpp_row(9001, "Write a function that returns the square of a number.", "def square(x): ...", "assert 1"),
+        _mbpp_row(9100, "Write a function that adds one.", "def add_one(x):\n    return x + 1", "assert 1"),
+    ]
+    mbpp_prompt = [_mbpp_row(9002, "Reverse the list you are given.", "def reverse_list(x): ...", "assert 1")]
+    stem = "Which of these is a liquid at room temperature?"  # fixture arc_easy fx-e1
+    arc_train = [
+        _arc_row("same-item-reordered", stem, ["sand", "water", "steam", "ice"], 1),
+        _arc_row("same-stem-other-options", stem, ["mercury", "iron", "salt", "glass"], 0),
+        _arc_row("new", "Which planet is closest to the sun?", ["Mercury", "Venus", "Earth", "Mars"], 0),
+    ]
+    splits = {"mbpp/sanitized_train.jsonl": mbpp_train, "mbpp/sanitized_prompt.jsonl": mbpp_prompt}
+    data = _data_dir_with_train_splits(tmp_path, {**splits, "arc_easy/train.jsonl": arc_train})
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data))
+    items, report = prepare_items(["mbpp", "arc_easy"], None, None, decontaminate_items=True, max_items=None, seed=0)
+    assert report.loaded == {"mbpp": 3, "arc_easy": 3}
+    assert report.decontaminated == {"mbpp": 2, "arc_easy": 1}
+    assert sorted(item.id for item in items) == ["Mbpp/9100", "new", "same-stem-other-options"]
+    assert {"mbpp_plus", "arc_easy"} <= set(report.eval_sets_checked)
+
+
+def test_decontamination_counts_on_the_full_copies(monkeypatch, shared_data_dir):
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(shared_data_dir))
     items, report = prepare_items(["mbpp"], None, None, decontaminate_items=True, max_items=None, seed=0)
     assert report.loaded == {"mbpp": 127}
     assert report.decontaminated == {"mbpp": 115}  # 108 of 120 train tasks and all 7 prompt tasks are in MBPP+
     assert len(items) == 12 and all(item.target.startswith("```python\n") for item in items)
     assert "mbpp_plus" in report.eval_sets_checked
-
-
-def test_balanced_letters_are_uniform_and_keep_each_items_answer(monkeypatch, shared_data_dir):
-    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(shared_data_dir))
-    kwargs = {"decontaminate_items": True, "max_items": 200, "seed": 3}
-    plain, _ = prepare_items(["arc_easy"], "letter", None, **kwargs)
-    balanced, report = prepare_items(["arc_easy"], "letter", None, balance=True, **kwargs)
+    _, report = prepare_items(["arc_easy"], "letter", None, decontaminate_items=True, max_items=None, seed=0)
     assert report.decontaminated == {"arc_easy": 3}
+
+
+def test_balanced_letters_are_uniform_and_keep_each_items_answer(tmp_path, monkeypatch):
+    # A training set whose gold letter is always A (the prior balancing removes), with 3-, 4- and 5-option items.
+    options = [["red", "blue", "green", "white", "black"][:n] for n in [4] * 10 + [3, 3, 5]]
+    arc_train = [_arc_row(f"q{i}", f"Question {i}: which colour?", opts, 0) for i, opts in enumerate(options)]
+    data = _data_dir_with_train_splits(tmp_path, {"arc_easy/train.jsonl": arc_train})
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data))
+    kwargs = {"decontaminate_items": True, "max_items": 12, "seed": 3}
+    plain, _ = prepare_items(["arc_easy"], "letter", None, **kwargs)
+    balanced, _ = prepare_items(["arc_easy"], "letter", None, balance=True, **kwargs)
+    assert len(balanced) == 12 and all(item.target == "A" for item in plain)
     four = [item for item in balanced if len(item.choices[1]) == 4]
     counts = {letter: sum(item.target == letter for item in four) for letter in "ABCD"}
     assert max(counts.values()) - min(counts.values()) <= len(balanced) - len(four) + 1, counts

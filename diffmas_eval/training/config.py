@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METHODS = ("diffmas", "single-agent")
+from diffmas_eval.settings import coerce, field_types, setting, unknown_names_message
+
 ADAPTER_MODES = ("shared", "per_role")
 SCHEDULERS = ("constant", "linear", "cosine")
 TRACKERS = ("none", "tensorboard", "wandb")
 
 
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+    return setting(text, default, factory=factory)
 
 
 @dataclass
@@ -34,7 +32,9 @@ class TrainConfig:
 
     output_dir: str | None = _help("Directory for the adapter, its config and checkpoints (required).")
     method: str = _help(
-        "`diffmas` (agents + latent trace) or `single-agent` (the LoRA single-agent baseline).", "diffmas"
+        "The method to train, with its objective: `diffmas` (agents + latent trace), `single-agent` (the LoRA "
+        "single-agent baseline), or any registered method that declares an objective.",
+        "diffmas",
     )
     pretrained: str | None = _help("Backbone: HF dir, hub id or embedded model name (None: embedded default).")
     dtype: str = _help("Backbone dtype: float32, bfloat16 or float16 (LoRA weights stay float32).", "float32")
@@ -96,7 +96,6 @@ class TrainConfig:
         """Raise ValueError with one sentence naming the fix for any bad setting (before any model work)."""
         checks = [
             (self.output_dir, "output_dir is required (--output_dir DIR)"),
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.adapters in ADAPTER_MODES, f"adapters must be one of {', '.join(ADAPTER_MODES)}"),
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}"),
@@ -112,7 +111,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from diffmas_eval.methods.registry import trainable_methods
         from diffmas_eval.prompts import TOPOLOGIES
+
+        trainable = trainable_methods()
+        if self.method not in trainable:
+            raise ValueError(f"method must be one of {', '.join(trainable)}, got {self.method!r}")
 
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
@@ -138,47 +142,10 @@ RESUME_FREE_FIELDS = frozenset(
 )
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type, or raise a clear ValueError."""
-    if typing.get_origin(annotation) is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise ValueError(f"{name} must be a list (YAML list or comma-separated), got {value!r}")
-        return [str(v) for v in value]
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ValueError(f"{name} cannot be empty")
-    base = next(a for a in args if a is not type(None)) if args else annotation
-    if isinstance(value, str) and base is not str:
-        value = yaml.safe_load(value)
-    try:
-        if base is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if base is int:
-            if isinstance(value, bool) or float(value) != int(value):
-                raise TypeError
-            return int(value)
-        if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {getattr(base, '__name__', base)}, got {value!r}") from None
-
-
 def build_config(overrides: dict[str, Any], yaml_path: str | Path | None = None) -> TrainConfig:
     """A validated config from an optional YAML file plus overrides (field name -> value or string)."""
     values: dict[str, Any] = {}
-    types_ = _field_types()
+    types_ = field_types(TrainConfig)
     if yaml_path is not None:
         path = Path(yaml_path).expanduser()
         if not path.is_file():
@@ -190,12 +157,9 @@ def build_config(overrides: dict[str, Any], yaml_path: str | Path | None = None)
     values.update(overrides)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        hints = [
-            f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, list(types_), n=1)) else "")
-            for u in unknown
-        ]
-        raise ValueError(f"unknown training setting(s) {', '.join(hints)}; see `diffmas-train --help`")
-    config = TrainConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+        message = unknown_names_message(unknown, list(types_))
+        raise ValueError(f"unknown training setting(s) {message}; see `diffmas-train --help`")
+    config = TrainConfig(**{k: coerce(k, v, types_[k]) for k, v in values.items()})
     config.validate()
     return config
 
@@ -207,7 +171,7 @@ def argument_parser() -> argparse.ArgumentParser:
         description="Train a DiffMAS adapter (or the LoRA single-agent baseline) through the multi-agent latent trace.",
     )
     parser.add_argument("--config", help="YAML file of settings (field: value); command-line options override it.")
-    types_ = _field_types()
+    types_ = field_types(TrainConfig)
     for item in dataclasses.fields(TrainConfig):
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{item.metadata['help']} [{default}]"}

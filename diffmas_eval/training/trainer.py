@@ -24,15 +24,11 @@ import torch
 from tqdm import tqdm
 
 from diffmas_eval import __version__
-from diffmas_eval.core.backbone import load_backbone
-from diffmas_eval.methods import LatentMAS, Method, SingleAgent
-from diffmas_eval.methods.diffmas import ADAPTER_CONFIG
-from diffmas_eval.prompts import FINAL_ROLE, load_prompt_set
+from diffmas_eval.artifacts import LEGACY_MANIFEST, MANIFEST, write_manifest
 from diffmas_eval.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from diffmas_eval.training.config import RESUME_FREE_FIELDS, TrainConfig
 from diffmas_eval.training.data import DataReport, check_source_names, prepare_items
-from diffmas_eval.training.lora import attach_lora
-from diffmas_eval.training.unroll import EncodedExample, TraceLoss, encode_items
+from diffmas_eval.training.objective import Objective, objective_class
 
 logger = logging.getLogger(__name__)
 TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step: step, loss (mean NLL per target token), grad norm, tok/s
@@ -55,29 +51,6 @@ def git_revision() -> str | None:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def build_method(backbone: Any, config: TrainConfig) -> Method:
-    """The evaluation method whose prompts, roles and latent steps training reproduces."""
-    prompts = load_prompt_set(config.prompts)
-    common = {"system_prompt": config.system_prompt, "enable_thinking": config.enable_thinking}
-    if config.method == "single-agent":
-        return SingleAgent(backbone, prompts, **common)
-    return LatentMAS(
-        backbone, prompts, topology=config.topology, latent_steps=config.latent_steps, realign=config.realign, **common
-    )
-
-
-def build_loss(backbone: Any, method: Method, config: TrainConfig) -> TraceLoss:
-    """The training loss for `method` with the config's m, adapter layout, trace coupling and recompute."""
-    return TraceLoss(
-        backbone,
-        method,
-        latent_steps=config.latent_steps,
-        per_role=config.adapters == "per_role",
-        frozen_trace=config.frozen_trace,
-        recompute=config.recompute,
-    )
-
-
 class _Permutations:
     """Item indices of each optimizer step: a seeded permutation per epoch, epochs concatenated."""
 
@@ -95,28 +68,13 @@ class _Permutations:
         return out
 
 
-def check_lengths(examples: list[EncodedExample], config: TrainConfig, limit: int) -> tuple[list[EncodedExample], int]:
-    """Drop (skip_too_long) or refuse examples longer than the context limit; returns (kept, dropped)."""
-    m = config.latent_steps
-    long = [ex for ex in examples if ex.total_length(m) > limit]
-    if long and not config.skip_too_long:
-        first = long[0]
-        raise ValueError(
-            f"{len(long)} training item(s) exceed max_length={limit} tokens, e.g. {first.id} of {first.source} needs "
-            f"{first.total_length(m)} (agents' prompts, {m} latent steps each, judger prompt and "
-            f"{len(first.target)}-token target); raise max_length, lower latent_steps, or pass --skip_too_long"
-        )
-    kept = [ex for ex in examples if ex.total_length(m) <= limit]
-    if not kept:
-        raise ValueError(f"every training item exceeds max_length={limit}; raise max_length")
-    return kept, len(long)
-
-
 def _prepare_output_dir(config: TrainConfig) -> Path:
     output = Path(config.output_dir).expanduser().resolve()
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_dir {output} is a file; choose a directory")
-    used = output.is_dir() and ((output / ADAPTER_CONFIG).exists() or checkpoint_dirs(output))
+    used = output.is_dir() and (
+        (output / MANIFEST).exists() or (output / LEGACY_MANIFEST).exists() or checkpoint_dirs(output)
+    )
     if used and not config.resume:
         raise ValueError(f"output_dir {output} already holds a run; pass --resume to continue it or choose a new one")
     output.mkdir(parents=True, exist_ok=True)
@@ -131,30 +89,16 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def _adapter_record(
-    config: TrainConfig, backbone: Any, method: Method, loss: TraceLoss, report: DataReport, step: int, n: int
-) -> dict[str, Any]:
-    roles = loss.roles
+def build_manifest(config: TrainConfig, objective: Objective, report: DataReport, step: int, n: int) -> dict[str, Any]:
+    """What the evaluating method checks and a reader wants to know: method, backbones and their fingerprints,
+    config, data, git revision, plus the objective's own fields."""
     return {
-        "backbone": backbone.name,
-        "backbone_fingerprint": backbone.fingerprint,
-        "adapters": config.adapters,
-        "roles": roles,
         "method": config.method,
-        "topology": None if config.method == "single-agent" else config.topology,
-        "latent_steps": config.latent_steps,
-        "realign": config.realign,
-        "frozen_trace": config.frozen_trace,
-        "formulation": loss.formulation,
-        "prompts": {"name": method.prompts.name, "sha256": method.prompts.sha256},
-        "system_prompt": method.system_prompt,
-        "enable_thinking": config.enable_thinking,
-        "lora": {
-            "r": config.lora_r,
-            "alpha": config.lora_alpha,
-            "dropout": config.lora_dropout,
-            "target_modules": config.lora_target_modules,
+        "backbones": {
+            role: {"name": backbone.name, "fingerprint": backbone.fingerprint}
+            for role, backbone in objective.backbones().items()
         },
+        **objective.manifest(),
         "data": {
             "sources": config.data,
             "answer_format": config.answer_format,
@@ -188,17 +132,19 @@ def _all_reduce_grads(trainable: list[tuple[str, torch.nn.Parameter]], accelerat
 
 
 def train(config: TrainConfig, backbone: Any = None) -> Path:
-    """Train per `config`; returns the adapter directory (`config.output_dir`). See the module docstring.
+    """Train per `config` with its method's objective; returns the artefact directory (`config.output_dir`). See the
+    module docstring.
 
     Args:
-        backbone: an already loaded backbone to train on (tests inspect it afterwards); default: load
-            `config.pretrained`. It must not carry an adapter yet.
+        backbone: an already loaded backbone to train on (tests inspect it afterwards), passed to the objective;
+            default: the objective loads what the config names. It must not carry an adapter yet.
     """
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     config.validate()
     check_source_names(config.data)
+    objective_cls = objective_class(config.method)
     output = _prepare_output_dir(config)
     accelerator = Accelerator(
         # On a machine without CUDA, accelerate needs cpu=True to see a torchrun/accelerate-launched process group.
@@ -218,29 +164,12 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
         balance=config.balance_letters,
     )
     device = accelerator.device if world > 1 or config.device is None else config.device  # launchers decide
-    if backbone is None:
-        backbone = load_backbone(config.pretrained, dtype=config.dtype, device=device)
-    method = build_method(backbone, config)
-    examples = encode_items(backbone, method, items, config.append_eos)
-    limit = config.max_length or int(getattr(backbone.causal_lm.config, "max_position_embeddings", 2048))
-    examples, report.too_long = check_lengths(examples, config, limit)
+    objective = objective_cls(config, device, **({"backbone": backbone} if backbone is not None else {}))
+    examples = objective.encode(items)
+    report.too_long = getattr(objective, "dropped_too_long", 0)
     report.used = len(examples)
-
-    torch.manual_seed(config.seed)  # the same fresh adapter on every process
-    roles = [*method.upstream_roles, FINAL_ROLE]
-    trainable = attach_lora(
-        backbone,
-        roles,
-        per_role=config.adapters == "per_role",
-        r=config.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-    )
-    loss_fn = build_loss(backbone, method, config)
-    if config.recompute and loss_fn.single_sequence:
-        backbone.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backbone.model.train()
+    trainable = objective.trainable()
+    objective.train_mode()
 
     global_batch = config.per_device_batch_size * world * config.grad_accum_steps
     total_steps = config.max_steps or math.ceil(config.epochs * len(examples) / global_batch)
@@ -276,15 +205,15 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
     step = start
     for step in range(start + 1, end + 1):
         indices = permutations.indices(step - 1, global_batch)
-        step_tokens = sum(len(examples[i].target) for i in indices)
-        nll_total = torch.zeros((), device=backbone.device)
+        step_tokens = sum(objective.weight(examples[i]) for i in indices)
+        nll_total = torch.zeros((), device=trainable[0][1].device)
         for micro in range(config.grad_accum_steps):
             begin = (micro * world + rank) * config.per_device_batch_size
             batch = [examples[i] for i in indices[begin : begin + config.per_device_batch_size]]
-            nll = loss_fn(batch).sum()
+            nll = objective.loss(batch)
             (nll / step_tokens).backward()
             nll_total += nll.detach()
-            tokens_seen += sum(ex.total_length(config.latent_steps) for ex in batch)
+            tokens_seen += sum(objective.positions(ex) for ex in batch)
         if world > 1:
             _all_reduce_grads(trainable, accelerator)
             nll_total = accelerator.reduce(nll_total, reduction="sum")
@@ -320,11 +249,8 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
     bar.close()
 
     if rank == 0 and step >= total_steps:
-        record = _adapter_record(config, backbone, method, loss_fn, report, step, len(examples))
-        backbone.model.save_pretrained(str(output))
-        tmp = output / f".{ADAPTER_CONFIG}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(output / ADAPTER_CONFIG)
+        objective.save(output)
+        write_manifest(output, build_manifest(config, objective, report, step, len(examples)))
     accelerator.wait_for_everyone()
     if config.report_to != "none":
         accelerator.end_training()

@@ -16,7 +16,6 @@ gradient checkpointing; both bound activation memory at the cost of a second for
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from diffmas_eval.core.backbone import END_OF_TURN_TOKENS, Backbone
-from diffmas_eval.core.latent import run_latent_steps
-from diffmas_eval.core.trace import KVTrace, append_prompts, left_pad, positions_for_block
+from diffmas_eval.core.trace import KVTrace, left_pad, positions_for_block
 from diffmas_eval.methods.base import Method, Question
 from diffmas_eval.prompts import FINAL_ROLE
 from diffmas_eval.training.data import TrainItem
@@ -101,20 +99,15 @@ class TraceLoss:
         self.recompute = recompute
         self.roles = [*method.upstream_roles, FINAL_ROLE]
         self.single_sequence = not per_role and not frozen_trace and (latent_steps == 0 or not method.upstream_roles)
-        self.aligner = getattr(method, "aligner", None) if method.upstream_roles else None
 
     @property
     def formulation(self) -> str:
         return "single_sequence" if self.single_sequence else "unroll"
 
-    @contextlib.contextmanager
-    def acting_as(self, role: str) -> Iterator[None]:
-        """Activate `role`'s adapter. peft's `set_adapter` also freezes the other adapters, but every role trains
-        (an earlier role's graph is still waiting for its gradient), so all are made trainable again."""
-        if self.per_role:
-            self.backbone.model.set_adapter(role)
-            self.backbone.model.set_requires_grad(self.roles, True)
-        yield
+    def acting_as(self, role: str) -> contextlib.AbstractContextManager[None]:
+        """Activate `role`'s adapter through the method (which keeps every role's adapter trainable: an earlier
+        role's graph is still waiting for its gradient)."""
+        return self.method.acting_as(role)
 
     def __call__(self, examples: list[EncodedExample]) -> torch.Tensor:
         """Per-example summed negative log-likelihood of the targets, `[B]` float32, differentiable."""
@@ -152,8 +145,8 @@ class TraceLoss:
         return self._target_nll(hidden, examples)
 
     def build_trace(self, examples: list[EncodedExample]) -> KVTrace | None:
-        """Every upstream agent in turn: prefill its prompt on the shared trace, then m latent steps (as evaluation's
-        `LatentMAS.build_trace`), under its adapter; in the autograd graph unless called under `no_grad`."""
+        """Every upstream agent in turn through the method's own `run_agent` (prefill its prompt on the shared trace,
+        then m latent steps, under its adapter), in the autograd graph unless called under `no_grad`."""
         trace: KVTrace | None = None
         for index, role in enumerate(self.method.upstream_roles):
             prompts = [list(ex.upstream[index]) for ex in examples]
@@ -163,13 +156,7 @@ class TraceLoss:
                 out = checkpoint(self._agent_segment, role, prompts, mask, *kv, use_reentrant=False)
                 trace = KVTrace(cache=self._cache_from(out[1:]), mask=out[0])
             else:
-                trace = self._agent(role, prompts, trace)
-        return trace
-
-    def _agent(self, role: str, prompts: list[list[int]], trace: KVTrace | None) -> KVTrace:
-        with self.acting_as(role):
-            trace, hidden = append_prompts(self.backbone, trace, prompts, output="hidden")
-            trace, _ = run_latent_steps(self.backbone, trace, hidden, self.latent_steps, self.aligner)
+                trace = self.method.run_agent(role, prompts, trace)
         return trace
 
     def _agent_segment(
@@ -177,7 +164,7 @@ class TraceLoss:
     ) -> tuple[torch.Tensor, ...]:
         """A pure function of the trace tensors, so that `checkpoint` can rerun it in the backward pass."""
         trace = None if mask is None else KVTrace(cache=self._cache_from(kv), mask=mask)
-        trace = self._agent(role, prompts, trace)
+        trace = self.method.run_agent(role, prompts, trace)
         return (trace.mask, *_flatten_cache(trace.cache))
 
     def _cache_from(self, kv: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> DynamicCache:
