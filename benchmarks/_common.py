@@ -127,9 +127,17 @@ def upstream_trace(method: Any, questions: list[str], agents: int) -> Any:
 
 
 def make_backend(method: str, args: argparse.Namespace, sidecar: Path, **kwargs: Any) -> Any:
-    """One lm-eval backend of ours (`single-agent`, `text-mas`, `latent-mas`) on CPU, as the CLI would build it."""
-    from diffmas_eval.lm_backend import backend_class
+    """One lm-eval backend of ours (`single-agent`, `text-mas`, `latent-mas`) on CPU, as the CLI would build it.
 
+    Settings the method does not take (e.g. the upstream budget `max_new_tokens` for methods without text agents)
+    are dropped, so one call site can configure every method."""
+    from dataclasses import fields
+
+    from diffmas_eval.lm_backend import BackendArgs, backend_class
+    from diffmas_eval.methods import get_method
+
+    accepted = {f.name for f in fields(BackendArgs)} | {f.name for f in fields(get_method(method).config_class)}
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     return backend_class(method)(
         pretrained=args.pretrained, dtype=args.dtype, device="cpu", sidecar=str(sidecar), **kwargs
     )

@@ -63,9 +63,13 @@ def _load() -> None:
 
 
 def methods() -> dict[str, type[Method]]:
-    """Every registered method by name (built-ins first, in report order)."""
+    """Every registered method by name: built-ins first, in `BUILTIN_MODULES` order (the report's), then plugins."""
     _load()
-    return dict(_METHODS)
+
+    def rank(cls: type[Method]) -> int:
+        return BUILTIN_MODULES.index(cls.__module__) if cls.__module__ in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+    return {cls.name: cls for cls in sorted(_METHODS.values(), key=rank)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from diffmas_eval.settings import coerce, field_types, setting, unknown_names_message
+from diffmas_eval.settings import build_settings, coerce, field_types, setting, unknown_names_message
 
 ADAPTER_MODES = ("shared", "per_role")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -124,7 +124,12 @@ class TrainConfig:
             raise ValueError("method=single-agent has no trace: drop latent_steps, frozen_trace and adapters=per_role")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, plus the objective's own settings under `objective_settings` (when it has any)."""
+        out = dataclasses.asdict(self)
+        settings = getattr(self, "objective_settings", None)
+        if settings is not None:
+            out["objective_settings"] = dataclasses.asdict(settings)
+        return out
 
 
 # Fields that may differ between a run and its resumption without changing what is computed.
@@ -142,8 +147,21 @@ RESUME_FREE_FIELDS = frozenset(
 )
 
 
+def objective_settings_class(method: str) -> type | None:
+    """The settings dataclass of `method`'s training objective (its own fields, beside TrainConfig's), or None."""
+    from diffmas_eval.methods.registry import trainable_methods
+    from diffmas_eval.training.objective import objective_class
+
+    if method not in trainable_methods():
+        return None
+    return getattr(objective_class(method), "settings_class", None)
+
+
 def build_config(overrides: dict[str, Any], yaml_path: str | Path | None = None) -> TrainConfig:
-    """A validated config from an optional YAML file plus overrides (field name -> value or string)."""
+    """A validated config from an optional YAML file plus overrides (field name -> value or string).
+
+    Keys are TrainConfig's fields plus the fields of the chosen method's objective settings (e.g. a C2C fuser's
+    sizes); the latter become `config.objective_settings`."""
     values: dict[str, Any] = {}
     types_ = field_types(TrainConfig)
     if yaml_path is not None:
@@ -155,30 +173,56 @@ def build_config(overrides: dict[str, Any], yaml_path: str | Path | None = None)
             raise ValueError(f"config file {yaml_path} must be a YAML mapping of field names to values")
         values.update(loaded)
     values.update(overrides)
-    unknown = sorted(set(values) - set(types_))
+    method = str(values.get("method", TrainConfig.method))
+    settings_class = objective_settings_class(method)
+    objective_names = {f.name for f in dataclasses.fields(settings_class)} if settings_class else set()
+    unknown = sorted(set(values) - set(types_) - objective_names)
     if unknown:
-        message = unknown_names_message(unknown, list(types_))
-        raise ValueError(f"unknown training setting(s) {message}; see `diffmas-train --help`")
-    config = TrainConfig(**{k: coerce(k, v, types_[k]) for k, v in values.items()})
+        message = unknown_names_message(unknown, [*types_, *objective_names])
+        raise ValueError(f"unknown training setting(s) {message} for method {method!r}; see `diffmas-train --help`")
+    config = TrainConfig(**{k: coerce(k, v, types_[k]) for k, v in values.items() if k in types_})
     config.validate()
+    if settings_class is not None:
+        objective_values = {k: v for k, v in values.items() if k in objective_names}
+        config.objective_settings = build_settings(settings_class, objective_values, what="training setting(s)")
+        validate = getattr(config.objective_settings, "validate", None)
+        if validate is not None:
+            validate()
     return config
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    """`--config FILE` plus one `--<field> VALUE` option per config field (booleans also as bare flags)."""
+    """`--config FILE` plus one `--<field> VALUE` option per config field and per objective setting of every
+    trainable method (booleans also as bare flags)."""
+    from diffmas_eval.methods.registry import trainable_methods
+
     parser = argparse.ArgumentParser(
         prog="diffmas-train",
-        description="Train a DiffMAS adapter (or the LoRA single-agent baseline) through the multi-agent latent trace.",
+        description="Train a method's trained modules with its objective (DiffMAS adapters, the LoRA single-agent "
+        "baseline, and every registered method that declares an objective).",
     )
     parser.add_argument("--config", help="YAML file of settings (field: value); command-line options override it.")
-    types_ = field_types(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
+    _add_fields(parser, TrainConfig)
+    seen = {f.name for f in dataclasses.fields(TrainConfig)}
+    for method in trainable_methods():
+        settings_class = objective_settings_class(method)
+        if settings_class is None:
+            continue
+        fresh = [f for f in dataclasses.fields(settings_class) if f.name not in seen]
+        seen.update(f.name for f in fresh)
+        group = parser.add_argument_group(f"--method {method}")
+        _add_fields(group, settings_class, only=fresh)
+    return parser
+
+
+def _add_fields(parser: Any, cls: type, only: list | None = None) -> None:
+    types_ = field_types(cls)
+    for item in only if only is not None else dataclasses.fields(cls):
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{item.metadata['help']} [{default}]"}
         if bool in typing.get_args(types_[item.name]) or types_[item.name] is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         parser.add_argument(f"--{item.name}", **kwargs)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -22,12 +22,20 @@ if TYPE_CHECKING:
 
 
 class Objective(ABC):
-    """One trainable method's loss. The loop calls, in order: `encode`, `trainable`, then per micro-batch `loss`
-    (divided by the step's summed `weight`s), and finally `save` and `manifest` on the main process."""
+    """One trainable method's loss. The loop calls, in order: `encode`, `trainable`, `train_mode`, then per optimizer
+    step `on_step` and per micro-batch `loss` (divided by the step's summed `weight`s), and finally `save` and
+    `manifest` on the main process.
+
+    `settings_class` (optional) is a settings dataclass (`diffmas_eval.settings.setting` fields) of the objective's
+    own options; `diffmas-train` accepts them beside TrainConfig's and passes them as `self.settings`.
+    """
+
+    settings_class: ClassVar[type | None] = None
 
     def __init__(self, config: TrainConfig, device: Any) -> None:
         self.config = config
         self.device = device
+        self.settings = getattr(config, "objective_settings", None)
 
     @abstractmethod
     def encode(self, items: list[TrainItem]) -> list[Any]:
@@ -50,6 +58,11 @@ class Objective(ABC):
     def positions(self, example: Any) -> int:
         """Positions the forward processes for an example (the loop logs tokens per second from it)."""
         return self.weight(example)
+
+    def on_step(self, step: int, total_steps: int) -> None:  # noqa: B027  (most objectives need no schedule)
+        """Called before optimizer step `step` (1-based) of `total_steps`, also after a resume: a schedule of the
+        objective's own (e.g. an annealed temperature) is a function of the step, never of how many calls came
+        before."""
 
     @abstractmethod
     def train_mode(self) -> None:

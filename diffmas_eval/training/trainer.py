@@ -205,6 +205,7 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
     step = start
     for step in range(start + 1, end + 1):
         indices = permutations.indices(step - 1, global_batch)
+        objective.on_step(step, total_steps)
         step_tokens = sum(objective.weight(examples[i]) for i in indices)
         nll_total = torch.zeros((), device=trainable[0][1].device)
         for micro in range(config.grad_accum_steps):
