@@ -105,7 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = ["diffmas-eval", *with_project_defaults(argv)]
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    finally:
+        output = _option_value(argv, "--output_path")
+        if output and Path(output).exists():
+            from diffmas_eval.portable import make_portable
+            from diffmas_eval.paths import data_dir
+
+            # Results without this machine's paths (relative ones are resolved from the results file).
+            make_portable([Path(output)], root=Path.cwd(), data_dir=data_dir())
 
 
 if __name__ == "__main__":

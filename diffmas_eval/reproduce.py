@@ -174,7 +174,12 @@ def run_piece(piece: Piece) -> int:
     executable = Path(sys.executable).parent / "diffmas-eval"
     argv = [str(executable) if executable.exists() else command[0], *command[1:]]
     with (piece.directory / "log.txt").open("a") as log:
-        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    from diffmas_eval.paths import data_dir
+    from diffmas_eval.portable import make_portable
+
+    make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
