@@ -9,7 +9,7 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-/work/shared/data}
-RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)/runs/training}
+RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)runs/training}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONFIGS=$HERE/../../configs/train
 LIMIT=300
