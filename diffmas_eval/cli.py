@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         output = _option_value(argv, "--output_path")
         if output and Path(output).exists():
-            from diffmas_eval.portable import make_portable
             from diffmas_eval.paths import data_dir
+            from diffmas_eval.portable import make_portable
 
             # Results without this machine's paths (relative ones are resolved from the results file).
             make_portable([Path(output)], root=Path.cwd(), data_dir=data_dir())

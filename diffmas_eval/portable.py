@@ -63,7 +63,8 @@ def portable(text: str, *, file: Path, root: Path, data_dir: Path | None) -> str
 
 def absolute_paths(text: str) -> list[str]:
     """The absolute paths left in `text` (embedded data excluded)."""
-    return [path for i, part in enumerate(EMBEDDED_DATA.split(text)) if not i % 2 for path in ABSOLUTE_PATH.findall(part)]
+    parts = EMBEDDED_DATA.split(text)  # odd indices: embedded data
+    return [path for i, part in enumerate(parts) if not i % 2 for path in ABSOLUTE_PATH.findall(part)]
 
 
 def make_portable(paths: list[Path], *, root: Path, data_dir: Path | None) -> list[Path]:
