@@ -79,6 +79,25 @@ def plot_domain_bars(scores: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "domain_bars")
 
 
+def _cost_axis(ax: plt.Axes, values: pd.Series) -> None:
+    """Log scale when costs span more than a decade, else linear; plain-number tick labels at 1-2-5 steps either
+    way (a log axis inside one decade would show no labelled tick at all, and all minor labels would overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    low, high = float(values.min()), float(values.max())
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    if high > 10 * low > 0:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True, steps=[1, 2, 5, 10]))
+        margin = max(5.0, 0.1 * (high - low))
+        ax.set_xlim(max(0.0, low - margin), high + margin)
+    ax.xaxis.set_major_formatter(plain)
+    ax.tick_params(axis="x", which="both", labelsize="small")
+
+
 def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path) -> list[Path]:
     """One panel per task: accuracy (±1 stderr) vs generated tokens per problem (log x), one marker per row."""
     merged = pd.DataFrame()
@@ -109,7 +128,8 @@ def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path)
                 capsize=3,
                 label=label,
             )
-        ax.set_xscale("log")
+        _cost_axis(ax, part["generated_tokens"])
+        ax.set_ylim(-3, 103)  # accuracy on its whole range, so a 0-vs-0 comparison does not fill the panel
         ax.set_title(task)
         ax.set_xlabel("generated tokens / problem")
         ax.set_ylabel("accuracy (%)")
