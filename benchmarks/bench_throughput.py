@@ -100,7 +100,7 @@ def main() -> None:
             f"{r['generated_tokens_per_doc']:.0f} | {r['latent_steps_per_doc']:.0f} | {r['tokens_per_s']:.0f} | "
             f"{r['final_stopped']}/{args.n} |"
         )
-    name = f"throughput_{(args.pretrained or 'default').replace('/', '_')}_{args.dtype}_b{args.batch}"
+    name = f"throughput_{(args.pretrained or 'default').replace('/', '_')}_b{args.batch}"
     print("\n".join(markdown))
     print(c.write_result(args, name, payload, markdown))
 
