@@ -169,8 +169,12 @@ def test_diffmas_eval_cli_end_to_end_writes_settings_and_token_counts(tiny_model
     assert info["method"] == "text-mas" and info["topology"] == "hierarchical" and info["max_new_tokens"] == 4
     assert info["totals"]["requests"] == len(TOY_ROWS)
     assert info["totals"]["generated_tokens"] > info["totals"]["final_generated_tokens"] > 0
-    sidecar = [json.loads(line) for line in Path(info["sidecar"]).read_text().splitlines()]
-    assert Path(info["sidecar"]).parent.parent == output.resolve()  # the CLI put it beside the results
+    # The CLI put the side-car beside the results and recorded it relative to the results file (no machine paths).
+    (results_file,) = glob.glob(str(output / "**" / "results_*.json"), recursive=True)
+    assert not Path(info["sidecar"]).is_absolute()
+    sidecar_path = (Path(results_file).parent / info["sidecar"]).resolve()
+    assert sidecar_path.parent.parent == output.resolve()
+    sidecar = [json.loads(line) for line in sidecar_path.read_text().splitlines()]
     assert {line["prompt_hash"] for line in sidecar} == {s["prompt_hash"] for s in samples}
     assert {prompt_hash(row["question"]) for row in TOY_ROWS} == {s["prompt_hash"] for s in samples}
     assert all(len(line["agents"]) == 3 for line in sidecar)
