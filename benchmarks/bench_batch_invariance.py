@@ -1,20 +1,23 @@
 """Where greedy outputs at batch 1 and batch 8 part: which computations are bit-identical between the two.
 
-Not a timing. For one row of a batch of 8 GSM8K prompts (single agent) and the same row alone, it compares:
+Without `--throughput`, not a timing: for one row of a batch of 8 GSM8K prompts (single agent) and the same row
+alone, it compares:
 - the prefill's last-position logits (per-row CPU prefill makes them the batch-1 computation);
 - the first decode step's logits, and the first attention or MLP module whose output differs;
 - the CPU linear kernel (`PackedCPULinear`) at the model's shapes: rows computed among 8 or 150 rows vs alone;
 - `scaled_dot_product_attention` for one query: keys alone vs the same keys with masked positions added before
   them (left padding) or after them (right padding), at several lengths.
-With `--prototype`, it also times greedy decoding of the 8 prompts at batch 1 vs batch 8 (single agent) with the
-backends' kernels and with a prototype that is not in the library: one-query attention computed row by row on each
-row's real positions, with and without the MLP down-projection row by row. It prints docs/s ratios and how many
-outputs match.
+With `--throughput` it measures the `batch_invariant` model arg instead (`batch_invariant_<dtype>.md`): for each
+method (single agent and LatentMAS by default), one backend with the default kernels and one with the mode run
+`generate_until` on the same GSM8K requests at batch 1 and batch 8, all four interleaved in one run. It prints docs/s,
+batch 8 / batch 1 per kernel set, the mode's cost against the default kernels at each batch size, and how many
+outputs are identical at batch 1 and 8.
 """
 
 from __future__ import annotations
 
-import time
+import tempfile
+from pathlib import Path
 
 import _common as c
 import torch
@@ -63,76 +66,84 @@ def _linear_row_invariance(model: torch.nn.Module) -> dict[str, bool]:
     return out
 
 
-def _row_by_row_attention(module, query, key, value, attention_mask, **kwargs):
-    """Prototype: a one-position query attends row by row to that row's real keys only (no masked positions)."""
-    from diffmas_eval.core.attention import sdpa_packed_single_query
-
-    if query.shape[2] != 1:
-        return sdpa_packed_single_query(module, query, key, value, attention_mask, **kwargs)
+def _throughput(args) -> None:
+    """Default kernels vs the batch-invariant mode, batch 1 vs batch 8, every method, interleaved in one run."""
+    requests = c.generate_requests(c.gsm8k_questions(args.n), args.max_gen_toks)
+    batch = args.batch
+    payload: dict = {"n": args.n, "max_gen_toks": args.max_gen_toks, "batch": batch, "methods": {}}
     rows = []
-    for row in range(query.shape[0]):
-        keys, values = key[row : row + 1], value[row : row + 1]
-        if attention_mask is not None:
-            real = attention_mask[row, 0, 0].nonzero().squeeze(1)
-            keys, values = keys.index_select(2, real), values.index_select(2, real)
-        rows.append(sdpa_packed_single_query(module, query[row : row + 1], keys, values, None, **kwargs)[0])
-    return torch.cat(rows), None
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            extra = {"latent_steps": args.latent_steps, "max_new_tokens": args.upstream_budget}
+            backends = {
+                kernels: c.make_backend(
+                    method, args, Path(tmp) / f"{method}-{kernels}.jsonl", batch_invariant=invariant, **extra
+                )
+                for kernels, invariant in (("default", False), ("batch_invariant", True))
+            }
 
+            def run(kernels: str, batch_size: int, backends=backends) -> list[str]:
+                lm = backends[kernels]
+                lm.batch_size = batch_size
+                c.forget_finished(lm)
+                return lm.generate_until(requests, disable_tqdm=True)
 
-def _prototype(backbone, prompts: list[list[int]], budget: int) -> dict[str, dict[str, float]]:
-    """Batch 1 vs batch 8 greedy decoding with the backends' kernels and with the row-by-row prototype."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    from diffmas_eval.core.decode import DecodingConfig, generate
-    from diffmas_eval.core.linear import PackedCPULinear
-
-    class RowByRowLinear(PackedCPULinear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() < 3 or x.shape[0] == 1:
-                return super().forward(x)
-            return torch.cat([super(RowByRowLinear, self).forward(row[None]) for row in x])
-
-    AttentionInterface.register("row_by_row", _row_by_row_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("row_by_row", sdpa_mask)
-    down = [m for name, m in backbone.model.named_modules() if name.endswith("mlp.down_proj")]
-    default_attention, default_class = backbone.model.config._attn_implementation, type(down[0])
-    config = DecodingConfig(max_new_tokens=budget)
-    out = {}
-    variants = {  # name: (attention row by row, down-projection row by row)
-        "backends' kernels": (False, False),
-        "attention row by row": (True, False),
-        "row-by-row prototype (attention and down-projection)": (True, True),
-    }
-    for variant, (rows_attention, rows_down) in variants.items():
-        backbone.model.set_attn_implementation("row_by_row" if rows_attention else default_attention)
-        for module in down:
-            module.__class__ = RowByRowLinear if rows_down else default_class
-        with torch.inference_mode():
-            began = time.perf_counter()
-            alone = [generate(backbone, [prompt], None, config)[0].token_ids for prompt in prompts]
-            middle = time.perf_counter()
-            together = [g.token_ids for g in generate(backbone, prompts, None, config)]
-            seconds_8 = time.perf_counter() - middle
-        out[variant] = {
-            "batch_1_s": middle - began,
-            "batch_8_s": seconds_8,
-            "ratio": (middle - began) / seconds_8,
-            "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
-        }
-    backbone.model.set_attn_implementation(default_attention)
-    for module in down:
-        module.__class__ = default_class
-    return out
+            variants = {
+                f"{kernels} batch {size}": (lambda kernels=kernels, size=size: run(kernels, size))
+                for kernels in backends
+                for size in (1, batch)
+            }
+            times, outputs = c.interleaved(variants, args.repeats)
+            docs_per_s = {name: args.n / c.median(seconds) for name, seconds in times.items()}
+            result = {"seconds": times, "docs_per_second": docs_per_s}
+            for kernels in backends:
+                alone, together = outputs[f"{kernels} batch 1"], outputs[f"{kernels} batch {batch}"]
+                result[kernels] = {
+                    "speedup": docs_per_s[f"{kernels} batch {batch}"] / docs_per_s[f"{kernels} batch 1"],
+                    "identical_outputs": sum(a == b for a, b in zip(alone, together, strict=True)),
+                }
+            result["cost_vs_default"] = {
+                f"batch {size}": docs_per_s[f"default batch {size}"] / docs_per_s[f"batch_invariant batch {size}"]
+                for size in (1, batch)
+            }
+            payload["methods"][method] = result
+            for kernels in backends:
+                rows.append(
+                    f"| {method} | {kernels} | {docs_per_s[f'{kernels} batch 1']:.3f} | "
+                    f"{docs_per_s[f'{kernels} batch {batch}']:.3f} | {result[kernels]['speedup']:.2f}x | "
+                    f"{result[kernels]['identical_outputs']}/{args.n} |"
+                )
+            cost = result["cost_vs_default"]
+            rows.append(
+                f"| {method} | mode's cost vs default | batch 1: {cost['batch 1']:.2f}x | "
+                f"batch {batch}: {cost[f'batch {batch}']:.2f}x | | |"
+            )
+    lines = [
+        f"{args.n} GSM8K problems, greedy, final budget {args.max_gen_toks} tokens (TextMAS upstream "
+        f"{args.upstream_budget}, LatentMAS m={args.latent_steps}), median of {args.repeats} interleaved repeats.",
+        "",
+        f"| method | kernels | docs/s batch 1 | docs/s batch {batch} | ratio | identical outputs at 1 and {batch} |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    c.write_result(args, "batch_invariant", payload, lines)
 
 
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--row", type=int, default=3, help="which of the 8 rows to follow")
-    p.add_argument("--prototype", action="store_true", help="also time the row-by-row prototype (see above)")
-    p.add_argument("--max-gen-toks", type=int, default=64, help="greedy budget of the --prototype timing")
+    p.add_argument("--throughput", action="store_true", help="measure the batch_invariant mode instead (see above)")
+    p.add_argument("--methods", nargs="+", default=["single-agent", "latent-mas"], help="--throughput methods")
+    p.add_argument("--batch", type=int, default=8, help="--throughput batch size compared with 1")
+    p.add_argument("--max-gen-toks", type=int, default=64, help="--throughput final agent budget")
+    p.add_argument("--upstream-budget", type=int, default=64, help="--throughput TextMAS upstream budget")
+    p.add_argument("--latent-steps", type=int, default=10, help="--throughput LatentMAS m")
+    p.set_defaults(repeats=2)
     args = p.parse_args()
     c.setup(args)
+    if args.throughput:
+        _throughput(args)
+        return
     from diffmas_eval.core.backbone import load_backbone
     from diffmas_eval.core.trace import append_prompts, extend_trace
 
@@ -178,22 +189,8 @@ def main() -> None:
             backbone.dtype, config.num_attention_heads, config.num_key_value_heads, head_dim
         ),
     }
-    if args.prototype:
-        payload["prototype"] = _prototype(backbone, prompts, args.max_gen_toks)
     lines = [f"Row {args.row} of a batch of 8 GSM8K prompts (single agent) vs that row alone.", ""]
-    lines += [f"- {key}: {value}" for key, value in payload.items() if key not in ("row", "prototype")]
-    if args.prototype:
-        lines += [
-            "",
-            f"Greedy decoding of the 8 prompts, budget {args.max_gen_toks}, batch 1 vs batch 8:",
-            "",
-            "| kernels | batch 1 s | batch 8 s | docs/s ratio | identical outputs |",
-            "|---|---|---|---|---|",
-            *(
-                f"| {name} | {v['batch_1_s']:.1f} | {v['batch_8_s']:.1f} | {v['ratio']:.2f}x | {v['identical']}/8 |"
-                for name, v in payload["prototype"].items()
-            ),
-        ]
+    lines += [f"- {key}: {value}" for key, value in payload.items() if key != "row"]
     c.write_result(args, "batch_invariance", payload, lines)
 
 

@@ -216,6 +216,7 @@ def load_backbone(
     revision: str | None = None,
     trust_remote_code: bool = False,
     fast_cpu_kernels: bool = True,
+    batch_invariant: bool = False,
 ) -> Backbone:
     """Load a causal LM and its tokenizer.
 
@@ -227,10 +228,14 @@ def load_backbone(
         fast_cpu_kernels: on CPU, run inference linears with oneDNN-packed weights (`core/linear.py`) and give 16-bit
             one-position attention the packed-heads path (`core/attention.py`); results equal the stock kernels'
             within floating-point rounding. False keeps transformers' stock kernels.
+        batch_invariant: run every inference forward with batch-invariant kernels (`core/batch_invariant.py`):
+            each row's outputs are bit-identical at any batch size and composition. It brings its own CPU kernels,
+            so `fast_cpu_kernels` does not apply.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diffmas_eval.core.attention import use_fast_cpu_attention
+    from diffmas_eval.core.batch_invariant import make_batch_invariant
     from diffmas_eval.core.linear import use_packed_cpu_linear
 
     name, source = locate_pretrained(pretrained)
@@ -259,7 +264,9 @@ def load_backbone(
     fingerprint = model_fingerprint(model)
     if device_map is None:
         model.to(resolve_device(device))
-    if fast_cpu_kernels:
+    if batch_invariant:
+        make_batch_invariant(model, getattr(model, model.base_model_prefix))
+    elif fast_cpu_kernels:
         use_fast_cpu_attention(model)
         use_packed_cpu_linear(model)
     model.eval()

@@ -119,6 +119,10 @@ class MethodConfig:
         True,
         identity=False,
     )
+    batch_invariant: bool = setting(
+        "Batch-invariant kernels: outputs and log-likelihoods bit-identical at any batch size and composition.",
+        False,
+    )
     device_map: str | None = setting("Passed to from_pretrained for models too large for one device.", identity=False)
     parallelize: bool = setting(
         "Shard the model over devices (device_map=auto), as lm-eval's hf.", False, identity=False
@@ -141,6 +145,7 @@ class MethodConfig:
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
             fast_cpu_kernels=self.fast_cpu_kernels,
+            batch_invariant=self.batch_invariant,
         )
 
 
