@@ -1,2 +1,2 @@
 """Benchmarks behind the mas_* lm-eval tasks: data sources (`sources`), answer extraction (`extract`), scoring
-(`scoring`) and guarded evalplus code execution (`code_exec`)."""
+(`scoring`) and evalplus code execution in a kernel-level sandbox (`code_exec`, `sandbox`)."""
