@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from diffmas_eval.benchmarks.arithmetic import load_arithmetic  # noqa: F401  (mas_arithmetic's loader)
 from diffmas_eval.benchmarks.code_exec import check_solution
 from diffmas_eval.benchmarks.extract import (
     extract_boxed_expression,
@@ -80,7 +81,7 @@ def score_boxed_letter(doc: dict[str, Any], results: list[str]) -> dict[str, int
 
 
 def score_code(doc: dict[str, Any], results: list[str]) -> dict[str, int]:
-    """HumanEval+ / MBPP+: evalplus base tests (`pass_base`) and base + extra tests (`pass_plus`), run guarded."""
+    """HumanEval+ / MBPP+: evalplus base tests (`pass_base`) and base + extra tests (`pass_plus`), run sandboxed."""
     code = extract_code(results[0], doc["entry_point"])
     if code is None:
         return {"pass_base": 0, "pass_plus": 0, "extracted": 0}

@@ -72,6 +72,7 @@ class Generation:
     token_ids: list[int]
     text: str
     stopped_before_budget: bool
+    end_token_id: int | None = None  # the end-of-turn token that ended the row (RL trains on it), else None
 
 
 def derive_seed(*parts: object) -> int:
@@ -150,6 +151,7 @@ def generate(
     config: DecodingConfig,
     seeds: list[int] | None = None,
     prompt_embeds: list[torch.Tensor] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generation]:
     """Decode every row from its prompt, prefilled on top of `trace` (consumed: its cache is extended in place).
 
@@ -159,6 +161,8 @@ def generate(
         config: budget, stop strings and sampling settings.
         seeds: one seed per row, used only when sampling (a row's sample never depends on the other rows).
         prompt_embeds: per row, the prompt as input embeddings `[len(prompt), D]` instead of its token ids' ones.
+        adapter_names: per row, the peft adapter the row runs under (a mixed-adapter batch; `__base__` = none), or
+            None for the model's active adapter(s).
 
     Returns:
         One `Generation` per row. Decoding stops at an end-of-turn token, a stop string or the budget.
@@ -166,7 +170,10 @@ def generate(
     batch = len(prompts)
     if config.sampling and (seeds is None or len(seeds) != batch):
         raise ValueError("sampling needs one seed per row")
-    trace, logits = append_prompts(backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds)
+    trace, logits = append_prompts(
+        backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds, adapter_names=adapter_names
+    )
+    mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
     mask = trace.mask
     position = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
     scanners = [_StopScanner(backbone.decode, config.stop) for _ in range(batch)] if config.stop else None
@@ -177,13 +184,14 @@ def generate(
     active = [True] * batch
     stopped = [False] * batch
     texts: list[str | None] = [None] * batch
+    ended_on: list[int | None] = [None] * batch
     for step in range(config.max_new_tokens):
         chosen = _choose_tokens(logits, config, generators, active).tolist()
         for row in range(batch):
             if not active[row]:
                 continue
             if chosen[row] in backbone.eos_token_ids:
-                active[row], stopped[row] = False, True
+                active[row], stopped[row], ended_on[row] = False, True, chosen[row]
                 continue
             tokens[row].append(chosen[row])
             if scanners is not None and scanners[row].scan(tokens[row]):
@@ -204,12 +212,14 @@ def generate(
             past_key_values=trace.cache,
             use_cache=True,
             logits_to_keep=1,
+            **mixed,
         ).logits[:, -1]
     return [
         Generation(
             token_ids=tokens[row],
             text=texts[row] if texts[row] is not None else backbone.decode(tokens[row]),
             stopped_before_budget=stopped[row],
+            end_token_id=ended_on[row],
         )
         for row in range(batch)
     ]

@@ -18,6 +18,7 @@ def score_continuations(
     trace: KVTrace | None,
     continuations: list[list[list[int]]],
     prompt_embeds: list[torch.Tensor] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[list[tuple[float, bool]]]:
     """Log-probability of each continuation given the final agent's prompt (and the trace), one prefill per row.
 
@@ -29,11 +30,14 @@ def score_continuations(
         trace: working memory per row, or None.
         continuations: per row, the token ids of each candidate continuation.
         prompt_embeds: per row, the prompt as input embeddings `[len(prompt), D]` instead of its token ids' ones.
+        adapter_names: per row, the peft adapter it is scored under (a mixed-adapter batch), or None.
 
     Returns:
         Per row, per continuation: (sum of token log-probs, whether every token is the greedy choice).
     """
-    state, last_logits = append_prompts(backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds)
+    state, last_logits = append_prompts(
+        backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds, adapter_names=adapter_names
+    )
     first_logprobs = torch.log_softmax(last_logits.float(), dim=-1)
     results: list[list[tuple[float, bool]]] = [[] for _ in prompts]
     rounds = max((len(c) for c in continuations), default=0)
@@ -55,8 +59,14 @@ def score_continuations(
         full_mask = torch.cat([fork.mask, block_mask], dim=1)
         # Right padding of the continuations: positions count on from the row's last real position.
         positions = fork.mask.sum(dim=1, keepdim=True) + torch.arange(width, device=ids.device)[None, :]
+        mixed = {} if adapter_names is None else {"adapter_names": [adapter_names[r] for r in rows]}
         logits = backbone.model(
-            input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=fork.cache, use_cache=True
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            past_key_values=fork.cache,
+            use_cache=True,
+            **mixed,
         ).logits.float()
         logprobs = torch.cat([first_logprobs[rows][:, None, :], torch.log_softmax(logits[:, :-1], dim=-1)], dim=1)
         for i, (r, cont) in enumerate(zip(rows, conts, strict=True)):

@@ -195,6 +195,7 @@ def extend_trace(
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     output: Literal["hidden", "logits"] = "hidden",
+    adapter_names: list[str] | None = None,
 ) -> tuple[KVTrace, torch.Tensor]:
     """Run one block (token ids or embeddings) on top of `trace` and append it to the trace.
 
@@ -204,10 +205,14 @@ def extend_trace(
         input_ids / inputs_embeds: `[B, L]` ids or `[B, L, D]` embeddings.
         output: "hidden" returns the last position's final hidden state `[B, D]` (no LM head is run);
             "logits" returns the last position's logits `[B, V]`.
+        adapter_names: per row, the peft adapter it runs under (peft's mixed-adapter batch), or None. Only with
+            output="logits": the "hidden" path calls the decoder body, which bypasses peft's forward.
 
     Returns:
         (extended trace, last-position output). The block's last column must be real for every row (left padding).
     """
+    if adapter_names is not None and output != "logits":
+        raise ValueError("adapter_names needs output='logits': the decoder body bypasses peft's mixed-adapter forward")
     cache, full_mask = _take_for_block(backbone, trace, block_mask)
     block_length = block_mask.shape[1]
     kwargs = {
@@ -221,7 +226,8 @@ def extend_trace(
     if output == "hidden":
         last = backbone.decoder(**kwargs).last_hidden_state[:, -1]
     else:
-        last = backbone.model(**kwargs, logits_to_keep=1).logits[:, -1]
+        mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+        last = backbone.model(**kwargs, logits_to_keep=1, **mixed).logits[:, -1]
     return KVTrace(cache=cache, mask=full_mask), last
 
 
@@ -241,6 +247,7 @@ def append_prompts(
     prompts: list[list[int]],
     output: Literal["hidden", "logits"] = "hidden",
     prompt_embeds: list[torch.Tensor] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> tuple[KVTrace, torch.Tensor]:
     """Left-pad `prompts` (one token list per row) and append them to `trace` (consumed); see `extend_trace`.
 
@@ -250,12 +257,15 @@ def append_prompts(
     """
     if prompt_embeds is not None and [len(e) for e in prompt_embeds] != [len(p) for p in prompts]:
         raise ValueError("prompt_embeds must hold one [len(prompt), D] tensor per row, as long as its prompt")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError("adapter_names must name one adapter per row")
     if prefill_per_row(backbone, trace, prompts):
-        return _append_per_row(backbone, trace, prompts, output, prompt_embeds)
+        return _append_per_row(backbone, trace, prompts, output, prompt_embeds, adapter_names)
     ids, mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
+    mixed = {"output": output, "adapter_names": adapter_names}
     if prompt_embeds is None:
-        return extend_trace(backbone, trace, mask, input_ids=ids, output=output)
-    return extend_trace(backbone, trace, mask, inputs_embeds=left_pad_embeds(prompt_embeds, mask), output=output)
+        return extend_trace(backbone, trace, mask, input_ids=ids, **mixed)
+    return extend_trace(backbone, trace, mask, inputs_embeds=left_pad_embeds(prompt_embeds, mask), **mixed)
 
 
 def left_pad_embeds(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -303,6 +313,7 @@ def _append_per_row(
     prompts: list[list[int]],
     output: Literal["hidden", "logits"],
     prompt_embeds: list[torch.Tensor] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> tuple[KVTrace, torch.Tensor]:
     """`append_prompts` computed one row at a time (each row on its own real positions, no padding)."""
     _, block_mask = left_pad(prompts, backbone.pad_token_id, backbone.device)
@@ -313,6 +324,8 @@ def _append_per_row(
         ids = torch.tensor([prompt], dtype=torch.long, device=backbone.device)
         context = None if trace is None else _compact_row(trace, row)
         inputs = {"input_ids": ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds[row][None]}
+        if adapter_names is not None:
+            inputs["adapter_names"] = [adapter_names[row]]
         extended, last = extend_trace(backbone, context, torch.ones_like(ids), output=output, **inputs)
         lasts.append(last)
         for index, layer in enumerate(extended.cache.layers):

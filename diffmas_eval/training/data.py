@@ -148,6 +148,21 @@ def _mbpp(root: Path, answer_format: str) -> list[TrainItem]:
     return items
 
 
+def _arithmetic(root: Path | None, answer_format: str) -> list[TrainItem]:
+    """The train split of the generated `mas_arithmetic` task (disjoint from its test split by construction)."""
+    from diffmas_eval.benchmarks.arithmetic import arithmetic_rows
+
+    if answer_format != "boxed_number":
+        raise ValueError(f"answer_format {answer_format!r} does not fit arithmetic; use boxed_number")
+    target = "The answer is \\boxed{{{}}}."
+    return [
+        TrainItem(r["id"], r["problem"], target.format(r["answer"]), answer_format, "arithmetic")
+        for r in arithmetic_rows("train")
+    ]
+
+
+# Sources generated in code: no data directory needed.
+GENERATED_SOURCES = ("arithmetic",)
 # Source name -> (loader, the evaluation task's answer format).
 TRAIN_SOURCES: dict[str, tuple[Callable[[Path, str], list[TrainItem]], str]] = {
     "gsm8k": (_gsm8k, "boxed_number"),
@@ -156,6 +171,7 @@ TRAIN_SOURCES: dict[str, tuple[Callable[[Path, str], list[TrainItem]], str]] = {
     "openbookqa": (_choice_source("openbookqa"), "boxed_letter"),
     "commonsenseqa": (_choice_source("commonsenseqa"), "boxed_letter"),
     "mbpp": (_mbpp, "python_function"),
+    "arithmetic": (_arithmetic, "boxed_number"),
 }
 
 
@@ -195,7 +211,7 @@ def load_train_items(
     root = None
     for name in names:
         if name in TRAIN_SOURCES:
-            if root is None:
+            if root is None and name not in GENERATED_SOURCES:
                 root = resolve_data_dir(data_dir)
                 if root is None:
                     raise FileNotFoundError(

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 class Objective(ABC):
     """One trainable method's loss. The loop calls, in order: `encode`, `trainable`, `train_mode`, then per optimizer
-    step `on_step` and per micro-batch `loss` (divided by the step's summed `weight`s), and finally `save` and
-    `manifest` on the main process.
+    step `on_step` and per micro-batch `backward` (by default: `loss` divided by the step's summed `weight`s), and
+    finally `save` and `manifest` on the main process.
 
     `settings_class` (optional) is a settings dataclass (`diffmas_eval.settings.setting` fields) of the objective's
     own options; `diffmas-train` accepts them beside TrainConfig's and passes them as `self.settings`.
@@ -49,6 +49,14 @@ class Objective(ABC):
     @abstractmethod
     def loss(self, batch: list[Any]) -> torch.Tensor:
         """Summed loss of a micro-batch (a 0-d float32 tensor in the autograd graph)."""
+
+    def backward(self, batch: list[Any], normaliser: float) -> torch.Tensor:
+        """Accumulate the gradient of `loss(batch) / normaliser`; returns the summed loss, detached. Objectives
+        whose micro-batch graph would not fit in memory at once (e.g. one policy forward per graph node) override it
+        to backpropagate piece by piece."""
+        loss = self.loss(batch)
+        (loss / normaliser).backward()
+        return loss.detach()
 
     def weight(self, example: Any) -> int:
         """How much an example counts in a step's normaliser (e.g. its target tokens); the step's loss is

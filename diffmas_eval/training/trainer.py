@@ -211,9 +211,7 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
         for micro in range(config.grad_accum_steps):
             begin = (micro * world + rank) * config.per_device_batch_size
             batch = [examples[i] for i in indices[begin : begin + config.per_device_batch_size]]
-            nll = objective.loss(batch)
-            (nll / step_tokens).backward()
-            nll_total += nll.detach()
+            nll_total += objective.backward(batch, step_tokens)
             tokens_seen += sum(objective.positions(ex) for ex in batch)
         if world > 1:
             _all_reduce_grads(trainable, accelerator)
