@@ -21,11 +21,18 @@ class TextMASConfig(MultiAgentConfig):
         "LoRA adapter(s) from `diffmas-train` (shared, or one per role); each role runs under its own.",
         identity=False,
     )
+    upstream_model: str | None = setting(
+        "Another model for the upstream agents (hub id, local directory or embedded name; default: pretrained, which "
+        "then runs the final agent only). With topology=two_stage: the text-to-text (T2T) baseline of C2C.",
+        identity=False,
+    )
 
     def validate(self) -> None:
         super().validate()
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.upstream_model and self.adapter:
+            raise ValueError("adapter and upstream_model cannot be combined (the adapter belongs to pretrained)")
 
 
 @register_method
@@ -39,10 +46,34 @@ class TextMAS(Method):
     description = "TextMAS: upstream agents write text; the final agent reads the transcript"
     default_communication = "text"
 
-    def __init__(self, backbone: Backbone, config: TextMASConfig | None = None, **settings: Any) -> None:
+    def __init__(
+        self, backbone: Backbone, config: TextMASConfig | None = None, upstream: Backbone | None = None, **settings: Any
+    ) -> None:
+        """`backbone` runs the final agent, and the upstream agents too unless `upstream` (another model) is given."""
         super().__init__(backbone, config, **settings)
         self.max_new_tokens = self.config.max_new_tokens
         self.adapter_manifest = attach_adapter(backbone, self.config.adapter) if self.config.adapter else None
+        self.upstream = upstream or backbone
+
+    @classmethod
+    def load(cls, config: TextMASConfig, device: Any = None) -> TextMAS:
+        config.validate()
+        backbone = config.load_backbone(config.pretrained, device)
+        same = config.upstream_model in (None, config.pretrained)
+        upstream = None if same else config.load_backbone(config.upstream_model, device)
+        return cls(backbone, config, upstream=upstream)
+
+    def backbones(self) -> dict[str, Backbone]:
+        if self.upstream is self.backbone:
+            return super().backbones()
+        return {"backbone": self.backbone, "upstream": self.upstream}
+
+    def render_upstream(self, role: str, question: str, transcript: str) -> list[int]:
+        """Token ids of an upstream agent's chat turn in the upstream model's chat template."""
+        if self.upstream is self.backbone:
+            return self.render(role, question, transcript)
+        user = self.prompts.render(self.family, self.topology, role, question, transcript)
+        return self.upstream.render_chat(user, system=self.system_prompt, enable_thinking=self.enable_thinking)
 
     def _run_agents(
         self,
@@ -56,7 +87,7 @@ class TextMAS(Method):
 
         Pairs of all roles are one batched decode when the roles share weights; roles with their own adapters
         decode as one batch per role, each under its adapter."""
-        prompts = [self.render(role, questions[row].text, transcripts[row]) for role, row in role_rows]
+        prompts = [self.render_upstream(role, questions[row].text, transcripts[row]) for role, row in role_rows]
         seeds = [derive_seed(questions[row].seed, role) for role, row in role_rows]
         own = self.role_adapters()
         groups: dict[str | None, list[int]] = {}
@@ -66,7 +97,7 @@ class TextMAS(Method):
         for indices in groups.values():
             with self.acting_as(role_rows[indices[0]][0]):  # a no-op for roles without their own adapter
                 decoded = generate(
-                    self.backbone,
+                    self.upstream,
                     [prompts[i] for i in indices],
                     None,
                     decoding.for_upstream(self.max_new_tokens),
@@ -102,4 +133,7 @@ class TextMAS(Method):
         )
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), **adapter_settings(self.config.adapter, self.adapter_manifest)}
+        info = {**super().settings(), **adapter_settings(self.config.adapter, self.adapter_manifest)}
+        if self.upstream is not self.backbone:
+            info["upstream_model"] = self.upstream.name
+        return info

@@ -167,6 +167,8 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
         identity = {name: value for name, value in diffmas.items() if name not in RUN_FIELDS}
         if identity.get("adapter_fingerprint"):
             identity.pop("adapter", None)
+        if identity.get("fuser_fingerprint"):  # a C2C fuser is identified by its weights, not its path
+            identity.pop("fuser", None)
         prompts = identity.get("prompts")
         identity["prompts"] = prompts.get("sha256") if isinstance(prompts, dict) else prompts
         identity["decoding"] = decoding

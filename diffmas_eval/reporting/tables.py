@@ -98,6 +98,11 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
         parts.append(f"adapter={str(ident['adapter']).rstrip('/').rsplit('/', 1)[-1]}")
     elif ident.get("adapter_fingerprint"):
         parts.append(f"adapter={ident['adapter_fingerprint'][:8]}")
+    for key, label in (("sharer", "sharer"), ("upstream_model", "upstream")):  # C2C's sharer, T2T's writer
+        if ident.get(key):
+            parts.append(f"{label}={str(ident[key]).rstrip('/').rsplit('/', 1)[-1]}")
+    if ident.get("fuser_fingerprint"):
+        parts.append(f"fuser={ident['fuser_fingerprint'][:8]}")
     comm = ident.get("communication")
     if comm and comm != default_communication(method):
         parts.append(f"communication={comm}")
@@ -106,7 +111,9 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
     if ident.get("max_new_tokens") is not None:
         parts.append(f"max_new={ident['max_new_tokens']}")
     if ident.get("decoding"):
-        parts.append(f"gen_kwargs={ident['decoding']}")
+        decoding = ident["decoding"]
+        # Compact `k=v` pairs: the same information as lm-eval's gen_kwargs dict, short enough for a plot legend.
+        parts.append(" ".join(f"{k}={v}" for k, v in decoding.items()) if isinstance(decoding, dict) else str(decoding))
     if with_seed and run.seed is not None:
         parts.append(f"seed={run.seed}")
     if with_date:
