@@ -1,0 +1,1 @@
+diffmas-eval --model interlat --model_args dtype=bfloat16,seed=1234,adapter=runs/interlat/stage1,communication=text,pretrained=smollm2-135m-instruct,sidecar=results/interlat/eval/text-plan/mas_arc_easy/sidecar.jsonl --tasks mas_arc_easy --batch_size 8 --output_path results/interlat/eval/text-plan/mas_arc_easy --gen_kwargs max_gen_toks=48 --limit 100 --log_samples
