@@ -509,7 +509,10 @@ class MultiAgentLM(LM):
         }
         if self._sidecars is not None:
             info["sidecars"] = self._sidecars
-        return {"diffmas": info}
+        from diffmas_eval.benchmarks.code_exec import sandbox_status  # how generated code ran, if any did
+
+        code_sandbox = sandbox_status()
+        return {"diffmas": info, **({"code_sandbox": code_sandbox} if code_sandbox else {})}
 
 
 _BACKENDS: dict[str, type[MultiAgentLM]] = {}

@@ -27,6 +27,9 @@ BUILTIN_MODULES = (
     "diffmas_eval.methods.text_mas",
     "diffmas_eval.methods.latent_mas",
     "diffmas_eval.methods.diffmas",
+    "diffmas_eval.methods.c2c",
+    "diffmas_eval.methods.neuromas",
+    "diffmas_eval.methods.interlat",
 )
 
 _METHODS: dict[str, type[Method]] = {}

@@ -12,7 +12,7 @@ import yaml
 
 DEFAULT_PROMPT_SET = "diffmas-v1"
 _SHIPPED = Path(__file__).resolve().parent
-TOPOLOGIES = ("sequential", "hierarchical")
+TOPOLOGIES = ("sequential", "hierarchical", "two_stage")
 FINAL_ROLE = "judger"
 ANSWER_FORMATS = ("boxed_number", "boxed_expression", "boxed_letter", "python_function", "letter")
 _PLACEHOLDER = re.compile(r"\{(question|transcript)\}")
