@@ -1,0 +1,1 @@
+diffmas-eval --model c2c --model_args dtype=bfloat16,seed=1234,pretrained=qwen2.5-coder-0.5b-instruct,sharer=qwen2.5-coder-1.5b-instruct,fuser=runs/c2c/fuser,communication=other_doc,sidecar=results/c2c-cpu/c2c-other-doc/mas_openbookqa_mc/sidecar.jsonl --tasks mas_openbookqa_mc --batch_size 8 --output_path results/c2c-cpu/c2c-other-doc/mas_openbookqa_mc --limit 50 --log_samples
