@@ -51,6 +51,7 @@ from diffmas_eval.core.linear import packed_linear_available
 
 # Rows standing alone are multiplied in tiles of this many rows: a batch of up to 8 decode steps is one call.
 ROW_TILE = 8
+_NONE = torch.empty(0, dtype=torch.long)
 
 
 @dataclass
@@ -105,18 +106,16 @@ class BlockPlan:
         )
 
 
-_NONE = torch.empty(0, dtype=torch.long)
-
-
 class _ModeState:
-    """What the kernels substituted by `batch_invariant_kernels` read: the current block plan and nesting depth."""
+    """What the substituted kernels read while `batch_invariant_kernels` is entered: the current block plan, nesting,
+    whether weights are packed, and per-process caches (zero tiles, per-mask attention plans)."""
 
     def __init__(self) -> None:
         self.depth = 0
+        self.in_forward = False
         self.plan: BlockPlan | None = None
-        self.device_type = "cpu"
         self.warned = False
-        self.packing = packed_linear_available()
+        self.packing = False  # whether the current model's linears use oneDNN-packed weights
         self.zero_tiles: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self.attention_plans: dict[tuple[int, int, int, bool], tuple[Any, list[Any]]] = {}
 
@@ -384,17 +383,23 @@ def _register(library: torch.library.Library, kernels: dict[str, Callable[..., A
 
 
 @contextlib.contextmanager
-def batch_invariant_kernels(plan: BlockPlan | None = None, device_type: str = "cpu") -> Iterator[None]:
+def batch_invariant_kernels(
+    plan: BlockPlan | None = None, device_type: str = "cpu", pack_weights: bool = True
+) -> Iterator[None]:
     """Inside: the substituted kernels (see the module docstring) for `device_type`, one intra-op thread on CPU, and
     `plan` as the block whose sequences the matrix products keep together (None: every row stands alone).
+    `pack_weights`: CPU linears multiply oneDNN-packed weights (when the build has oneDNN), else PyTorch's `mm`.
 
-    Reentrant: a nested entry keeps the outer block and kernels."""
-    if _STATE.depth:
+    Reentrant: a nested entry keeps the outer kernels, and the outer block unless it gives its own."""
+    if _STATE.depth:  # nested: the outer kernels stay; a forward's block replaces the plan while it runs
+        outer = _STATE.plan
         _STATE.depth += 1
+        _STATE.plan = outer if plan is None else plan
         try:
             yield
         finally:
             _STATE.depth -= 1
+            _STATE.plan = outer
         return
     library = torch.library.Library("aten", "IMPL")
     cuda_mode: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -404,7 +409,8 @@ def batch_invariant_kernels(plan: BlockPlan | None = None, device_type: str = "c
     else:
         cuda_mode = _cuda_matmul_library().set_batch_invariant_mode(True)
         _register(library, {"scaled_dot_product_attention": invariant_attention}, "CUDA")
-    _STATE.depth, _STATE.plan, _STATE.device_type = 1, plan, device_type
+    _STATE.depth, _STATE.plan = 1, plan
+    _STATE.packing = pack_weights and packed_linear_available()
     if device_type == "cpu" and threads > 1:
         torch.set_num_threads(1)
     try:
@@ -449,21 +455,26 @@ def _invariant_class(cls: type) -> type:
     signature = inspect.signature(cls.forward)
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() or _STATE.depth:
+        if torch.is_grad_enabled() or _STATE.in_forward:  # training, or the decoder inside the causal LM
             return super(subclass, self).forward(*args, **kwargs)
         arguments = signature.bind_partial(self, *args, **kwargs).arguments
         device_type = next(self.parameters()).device.type
-        with batch_invariant_kernels(_block_plan(arguments), device_type):
-            return super(subclass, self).forward(*args, **kwargs)
+        with batch_invariant_kernels(_block_plan(arguments), device_type, self._diffmas_pack_weights):
+            _STATE.in_forward = True
+            try:
+                return super(subclass, self).forward(*args, **kwargs)
+            finally:
+                _STATE.in_forward = False
 
     namespace = {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__}
     subclass = type(cls.__name__, (cls,), {**namespace, "_diffmas_batch_invariant": True})
     return subclass
 
 
-def make_batch_invariant(model: torch.nn.Module, decoder: torch.nn.Module) -> None:
+def make_batch_invariant(model: torch.nn.Module, decoder: torch.nn.Module, pack_weights: bool = True) -> None:
     """Make `model` (a causal LM) and its `decoder` body run every inference forward in the batch-invariant mode,
-    after checking that the mode covers every op they call (`check_kernel_coverage`).
+    after checking that the mode covers every op they call (`check_kernel_coverage`). `pack_weights`: the mode's CPU
+    linears multiply oneDNN-packed weights (one more copy of them in memory), else PyTorch's `mm`.
 
     Raises:
         NotImplementedError: the model cannot use SDPA attention, or calls an op the mode does not cover.
@@ -484,7 +495,17 @@ def make_batch_invariant(model: torch.nn.Module, decoder: torch.nn.Module) -> No
     for module in (model, decoder):
         if not getattr(module, "_diffmas_batch_invariant", False):
             module.__class__ = _invariant_class(type(module))
+        module._diffmas_pack_weights = pack_weights
     check_kernel_coverage(model)
+
+
+def kernels_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+    """The batch-invariant kernels, every row standing alone, when `model` runs in the mode and autograd is off (for
+    computations between its forwards, e.g. the latent aligner or a method's own modules); otherwise nothing."""
+    if torch.is_grad_enabled() or not is_batch_invariant(model):
+        return contextlib.nullcontext()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return batch_invariant_kernels(None, next(model.parameters()).device.type, base._diffmas_pack_weights)
 
 
 def is_batch_invariant(model: torch.nn.Module) -> bool:
@@ -554,42 +575,35 @@ DATA_MOVEMENT_OPS = frozenset(
     }
 )
 # Reductions whose serial CPU kernel reduces each output with one loop over the reduced elements (see the module
-# docstring), or whose result does not depend on the order (max, min, argmax).
+# docstring); the mode runs them on one thread.
 SERIAL_REDUCTION_OPS = frozenset(
-    {
-        "mean",
-        "sum",
-        "_softmax",
-        "softmax",
-        "_log_softmax",
-        "log_softmax",
-        "linalg_vector_norm",
-        "norm",
-        "amax",
-        "amin",
-        "max",
-        "min",
-        "argmax",
-        "argmin",
-    }
+    {"mean", "sum", "_softmax", "softmax", "_log_softmax", "log_softmax", "linalg_vector_norm", "norm"}
 )
-
-
-def _op_name(func: Any) -> str:
-    return func._schema.name.split("::", 1)[1]
+# Reductions whose result does not depend on the order of the reduced elements.
+ORDER_FREE_REDUCTION_OPS = frozenset({"amax", "amin", "max", "min", "argmax", "argmin"})
+# Ops with a batch-invariant kernel per device: ours on CPU; on CUDA Thinking Machines' (`linear` decomposes into
+# their `mm` / `addmm`) and our attention.
+COVERED_OPS = {
+    "cpu": frozenset(_CPU_KERNELS) | SERIAL_REDUCTION_OPS,
+    "cuda": frozenset({"scaled_dot_product_attention", "linear", "mm", "addmm", "mean", "_log_softmax", "log_softmax"}),
+}
 
 
 def uncovered_op(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device_type: str = "cpu") -> bool:
-    """Whether the batch-invariant mode has no account of this call: not substituted, not data movement, not
-    pointwise, not a serial reduction, and with floating-point tensors among its inputs."""
-    name = _op_name(func)
-    substituted = set(_CPU_KERNELS) if device_type == "cpu" else {"scaled_dot_product_attention", "mm", "addmm"}
-    if name in substituted or name in DATA_MOVEMENT_OPS or torch.Tag.pointwise in func.tags:
+    """Whether the batch-invariant mode has no account of this call on `device_type`: no batch-invariant kernel, not
+    data movement, not pointwise, not an order-free reduction, and floating-point tensors among its inputs."""
+    name = func._schema.name.split("::", 1)[1]
+    if name in COVERED_OPS[device_type] or name in DATA_MOVEMENT_OPS or name in ORDER_FREE_REDUCTION_OPS:
         return False
-    if name == "matmul":  # decomposes into mm / bmm for operands of two or more dimensions
-        return not all(isinstance(a, torch.Tensor) and a.dim() >= 2 for a in args[:2])
-    if name in SERIAL_REDUCTION_OPS and device_type == "cpu":
+    if torch.Tag.pointwise in func.tags:
         return False
+    if name == "matmul":  # decomposes into mm (a matrix operand) or, on CPU, bmm
+        operands = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        return not (
+            len(operands) == 2
+            and operands[0].dim() >= 2
+            and (operands[1].dim() == 2 or (device_type == "cpu" and operands[1].dim() >= 2))
+        )
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     return any(t.is_floating_point() for t in tensors)
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffmas_eval.core.batch_invariant import kernels_for
 from diffmas_eval.core.trace import KVTrace, extend_trace
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def run_latent_steps(
     ones = torch.ones((trace.batch_size, 1), dtype=trace.mask.dtype, device=trace.mask.device)
     for step in range(steps):
         trace.reserve(steps - step)
-        embedding = aligner(hidden)
+        with kernels_for(backbone.model):  # the aligner's product runs outside forwards: rows must stand alone too
+            embedding = aligner(hidden)
         if record is not None:
             record.append(embedding.detach())
         trace, hidden = extend_trace(backbone, trace, ones, inputs_embeds=embedding[:, None, :], output="hidden")

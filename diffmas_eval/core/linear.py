@@ -74,5 +74,13 @@ def use_packed_cpu_linear(model: torch.nn.Module) -> int:
 
 
 def uses_packed_cpu_linear(model: torch.nn.Module) -> bool:
-    """Whether `model` has linears switched by `use_packed_cpu_linear` (recorded in results as `cpu_kernels`)."""
+    """Whether `model`'s inference linears on CPU run with oneDNN-packed weights (recorded in results as
+    `cpu_kernels`): linears switched by `use_packed_cpu_linear`, or the batch-invariant mode's when it packs them
+    (`core/batch_invariant.py`)."""
+    from diffmas_eval.core.batch_invariant import is_batch_invariant
+
+    if is_batch_invariant(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return base._diffmas_pack_weights and on_cpu and packed_linear_available()
     return any(isinstance(module, PackedCPULinear) for module in model.modules())

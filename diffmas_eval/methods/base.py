@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffmas_eval.core.backbone import Backbone, load_backbone, resolve_dtype
+from diffmas_eval.core.batch_invariant import is_batch_invariant
 from diffmas_eval.core.decode import DecodingConfig
 from diffmas_eval.core.trace import KVTrace
 from diffmas_eval.prompts import FINAL_ROLE, TOPOLOGIES, PromptSet, load_prompt_set
@@ -119,9 +120,9 @@ class MethodConfig:
         True,
         identity=False,
     )
-    batch_invariant: bool = setting(
-        "Batch-invariant kernels: outputs and log-likelihoods bit-identical at any batch size and composition.",
-        False,
+    batch_invariant: bool | None = setting(
+        "Batch-invariant kernels: outputs and log-likelihoods bit-identical at any batch size and composition "
+        "(default: on for CPU, off elsewhere). Recorded as resolved.",
     )
     device_map: str | None = setting("Passed to from_pretrained for models too large for one device.", identity=False)
     parallelize: bool = setting(
@@ -269,6 +270,7 @@ class Method(ABC):
             info["backbones"] = {role: {"name": b.name, "fingerprint": b.fingerprint} for role, b in backbones.items()}
         info["dtype"] = str(self.backbone.dtype).removeprefix("torch.")
         info["communication"] = getattr(self.config, "communication", self.default_communication)
+        info["batch_invariant"] = all(is_batch_invariant(b.model) for b in backbones.values())
         return info
 
     @classmethod
