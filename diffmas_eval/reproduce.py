@@ -8,6 +8,7 @@ A config (YAML) names a backbone, defaults, runs (method + model args) and tasks
     runs:
       - {name: single-agent, model: single-agent}
       - {name: latent-mas-m10, model: latent-mas, model_args: {latent_steps: 10}}
+      - {name: realign, model: latent-mas, model_args: {realign: true}, tasks: [mas_gsm8k]}   # some tasks only
     tasks: {mas_gsm8k: 40, mas_arc_easy_mc: 200}
 
 Each (run, task) is one piece with its own output directory `OUT/<run>/<task>/`, evaluated by the `diffmas-eval` CLI in
@@ -33,7 +34,7 @@ import yaml
 from diffmas_eval.registry import model_names
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
-_RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note"}
+_RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
 _TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper"}
 
 
@@ -108,6 +109,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: run {run['name']!r} has unknown model {run['model']!r}")
         if run["name"] in names:
             raise ValueError(f"{path}: run name {run['name']!r} is used twice")
+        stray = set(run.get("tasks") or []) - set(config["tasks"])
+        if stray:  # a run's `tasks` restricts it to some of the config's tasks
+            raise ValueError(f"{path}: run {run['name']!r} names tasks the config does not list: {sorted(stray)}")
         names.add(run["name"])
     config["_dir"] = str(path.resolve().parent)
     return config
@@ -151,6 +155,8 @@ def plan(
             continue
         piece_limit = limit if limit is not None else (task_limit if task_limit is not None else defaults.get("limit"))
         for run, model_args, gen_kwargs, batch_size in runs:
+            if run.get("tasks") and task not in run["tasks"]:
+                continue
             pieces.append(
                 Piece(
                     run=run["name"],

@@ -52,6 +52,12 @@ def test_plan_expands_runs_and_tasks_with_overrides(tmp_path):
     small = plan(load_config(_write(tmp_path, config)), tmp_path / "out", limit=2, backbone="other", only=["lm"])
     assert {p.limit for p in small} == {2} and {p.model_args["pretrained"] for p in small} == {"other"}
     assert {p.run for p in small} == {"lm"}
+    config["runs"][1]["tasks"] = ["mas_arc_easy_mc"]  # a run restricted to some of the tasks
+    assert [(p.task, p.run) for p in plan(load_config(_write(tmp_path, config)), tmp_path / "out")] == [
+        ("mas_gsm8k", "sa"),
+        ("mas_arc_easy_mc", "sa"),
+        ("mas_arc_easy_mc", "lm"),
+    ]
 
 
 def test_gpqa_pieces_never_log_samples(tmp_path):
@@ -68,6 +74,7 @@ def test_gpqa_pieces_never_log_samples(tmp_path):
         ({"runs": [{"name": "a", "model": "diffmas"}, {"name": "a", "model": "diffmas"}], "tasks": ["t"]}, "twice"),
         ({"runs": [{"name": "a", "model": "diffmas", "colour": 1}], "tasks": ["t"]}, "allowed keys"),
         ({"runs": [{"name": "a", "model": "diffmas"}], "tasks": ["t"], "tsks": 1}, "unknown keys"),
+        ({"runs": [{"name": "a", "model": "diffmas", "tasks": ["u"]}], "tasks": ["t"]}, "does not list"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_error(tmp_path, config, message):
