@@ -381,5 +381,20 @@ def test_guard_only_on_request_is_recorded_and_warned(monkeypatch):
     code_exec.close_worker()
 
 
+def test_the_backends_record_the_fallback_in_the_results_config(monkeypatch, tiny_model_dir, tmp_path):
+    """lm-eval merges `get_model_info()` into `results["config"]`: after code ran without the full sandbox, our
+    backends put `code_sandbox` there, with the warning."""
+    from diffmas_eval.lm_backend import SingleAgentLM
+
+    code_exec.close_worker()
+    monkeypatch.setenv("DIFFMAS_CODE_SANDBOX", "guard-only")
+    with pytest.warns(RuntimeWarning, match="sandbox: guard-only"):
+        check_solution("humaneval_plus", "HumanEval/0", "def add_all(numbers):\n    return 0")
+    lm = SingleAgentLM(pretrained=str(tiny_model_dir), device="cpu", sidecar=str(tmp_path / "sidecar.jsonl"))
+    recorded = lm.get_model_info()["code_sandbox"]
+    assert recorded["sandbox"] == "guard-only" and "did not run in the full sandbox" in recorded["warning"]
+    code_exec.close_worker()
+
+
 def teardown_module() -> None:
     code_exec.close_worker()
