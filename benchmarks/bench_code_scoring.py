@@ -7,9 +7,9 @@ order that alternates between repeats:
   per problem) and the time includes that;
 - `warm`: the caches the cold runs filled, as in every later evaluation.
 The figure is evalplus's seconds / ours (above 1: ours is faster), measured in one run. Timed: run it alone on the
-machine (`heavy-exclusive`).
+machine.
 
-    DIFFMAS_DATA_DIR=/work/shared/data heavy-exclusive python benchmarks/bench_code_scoring.py --dataset humaneval
+    DIFFMAS_DATA_DIR=../shared/data python benchmarks/bench_code_scoring.py --dataset humaneval
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ node-by-node decoding (one decode per node under its adapter), on the same quest
 Times the hidden layers of `--n` arithmetic problems (`Method.prepare`, greedy, the nodes' budget), interleaved,
 and prints the ratio and whether every node's message is identical in both modes (fp32: it must be).
 
-    DIFFMAS_DATA_DIR=... heavy-exclusive python benchmarks/bench_neuromas.py --adapters runs/neuromas/2x2 --n 16
+    DIFFMAS_DATA_DIR=... python benchmarks/bench_neuromas.py --adapters runs/neuromas/2x2 --n 16
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ fresh interpreter holding only that problem, and explained:
 - `evalplus's pool, not the program`: evalplus alone in a fresh process agrees with us (its evaluator's pool workers
   are forked from a parent holding the whole ground truth, so a test child starts near its 4 GiB address-space cap);
 - `unexplained`: anything else (the script exits with status 1).
-Timing-sensitive: run it alone on the machine (`heavy-exclusive`), as evalplus's time limits are wall-clock limits.
+Timing-sensitive: run it alone on the machine, as evalplus's time limits are wall-clock limits.
 
-    DIFFMAS_DATA_DIR=/work/shared/data heavy-exclusive python benchmarks/check_code_agreement.py --dataset humaneval
+    DIFFMAS_DATA_DIR=../shared/data python benchmarks/check_code_agreement.py --dataset humaneval
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ CONFIGS=$ROOT/configs/train
 PYTHON=${PYTHON:-python}
 LIMIT=${LIMIT:-100}
 PIECE=${PIECE:-6}
-MODEL="pretrained=smollm2-135m-instruct,dtype=bfloat16"
+# batch_invariant=false: the first evaluations ran before the mode existed (issue 18); every row keeps the same
+# kernels and the same batch composition (the first $LIMIT problems at batch 16), so rows stay comparable.
+MODEL="pretrained=smollm2-135m-instruct,dtype=bfloat16,batch_invariant=false"
 mkdir -p "$RUNS" "$HERE/runs" "$HERE/evals"
 
 last_step() {  # the newest complete checkpoint's step of run $1 (0 without one)
