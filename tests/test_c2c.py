@@ -160,10 +160,10 @@ def _mc_requests(questions=QUESTIONS, choices=("A", "B", "C", "D")):
     ]
 
 
-def _fresh(name: str, directory: Path, **args):
+def _fresh(name: str, directory: Path, dtype: str = "float32", **args):
     """A fresh backend with its own side-car (nothing can be reused from another run)."""
     directory.mkdir(parents=True)
-    return backend_class(name)(dtype="float32", device="cpu", sidecar=str(directory / "sidecar.jsonl"), **args)
+    return backend_class(name)(dtype=dtype, device="cpu", sidecar=str(directory / "sidecar.jsonl"), **args)
 
 
 def _run_requests(lm, generate_requests, mc_requests):
@@ -300,6 +300,20 @@ def test_batch_1_equals_batch_n(tiny_model_dir, sharer_dir, fusers, tmp_path):
     assert one[0] == many[0] and len(set(one[0])) > 1
     assert [s for s, _ in one[1]] == pytest.approx([s for s, _ in many[1]], abs=1e-5)
     assert [g for _, g in one[1]] == [g for _, g in many[1]]
+
+
+@pytest.mark.parametrize("communication", ["fused", "other_doc"])
+def test_bf16_batch_1_equals_batch_n_bit_for_bit_with_batch_invariant(
+    tiny_model_dir, sharer_dir, fusers, tmp_path, communication
+):
+    """Issue 18 for C2C: in bf16 with the mode on, batch 1, 3 and 4 (fresh backends) give identical bits."""
+    gen, mc = _generate_requests(), _mc_requests()
+    args = _c2c_args(tiny_model_dir, sharer_dir, fusers["open"], communication=communication, batch_invariant=True)
+    runs = [
+        _run_requests(_fresh("c2c", tmp_path / f"b{b}", dtype="bfloat16", batch_size=b, **args), gen, mc)
+        for b in (1, 3, 4)
+    ]
+    assert runs[0] == runs[1] == runs[2] and len(set(runs[0][0])) > 1
 
 
 def test_other_doc_fuses_the_partner_documents_sharer_cache(tiny_model_dir, sharer_dir, fusers):

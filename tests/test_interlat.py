@@ -513,12 +513,12 @@ def _requests():
     return gen, mc
 
 
-def _backend(tmp_path: Path, name: str, model: Path, adapter: Path, **args):
+def _backend(tmp_path: Path, name: str, model: Path, adapter: Path, dtype: str = "float32", **args):
     (tmp_path / name).mkdir()
     return backend_class("interlat")(
         pretrained=str(model),
         adapter=str(adapter),
-        dtype="float32",
+        dtype=dtype,
         device="cpu",
         sidecar=str(tmp_path / name / "s.jsonl"),
         **args,
@@ -536,6 +536,28 @@ def test_batch_1_equals_batch_n_with_fresh_backends(tmp_path, tiny_model_dir, st
         assert totals.get("reused_requests", 0) == 0 and totals["requests"] == 6
     assert outputs[1][0] == outputs[3][0]
     assert [s for s, _ in outputs[1][1]] == pytest.approx([s for s, _ in outputs[3][1]], abs=1e-4)
+
+
+@pytest.mark.parametrize("setting", [{}, {"communication": "text"}, {"communication": "other_doc"}, {"compressed": 3}])
+def test_bf16_batch_1_equals_batch_n_bit_for_bit_with_batch_invariant(tmp_path, tiny_model_dir, stage2_dir, setting):
+    """Issue 18 for Interlat: in bf16 with the mode on (the adapter and student run inside its kernels), batch 1, 3
+    and 4 (fresh backends) give identical bits."""
+    gen, mc = _requests()
+    runs = []
+    for batch_size in (1, 3, 4):
+        lm = _backend(
+            tmp_path,
+            f"b{batch_size}",
+            tiny_model_dir,
+            stage2_dir,
+            "bfloat16",
+            batch_size=batch_size,
+            batch_invariant=True,
+            **setting,
+        )
+        runs.append((lm.generate_until(gen, disable_tqdm=True), lm.loglikelihood(mc, disable_tqdm=True)))
+        assert lm.get_model_info()["diffmas"]["totals"].get("reused_requests", 0) == 0
+    assert runs[0] == runs[1] == runs[2]
 
 
 def _one_position_forwards(method: Interlat) -> tuple[list[int], list[dict[str, int]]]:

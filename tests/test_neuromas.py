@@ -55,11 +55,11 @@ def _requests(questions=QUESTIONS, gen_kwargs=GREEDY):
     ]
 
 
-def _backend(name, model, directory: Path, batch_size=2, **kwargs):
+def _backend(name, model, directory: Path, batch_size=2, dtype="float32", **kwargs):
     directory.mkdir(parents=True, exist_ok=True)
     return backend_class(name)(
         pretrained=str(model),
-        dtype="float32",
+        dtype=dtype,
         device="cpu",
         sidecar=str(directory / "sidecar.jsonl"),
         batch_size=batch_size,
@@ -269,6 +269,34 @@ def test_batch_one_equals_batch_n_with_adapters(tiny_model_dir, graph_adapters, 
         "neuromas", tiny_model_dir, tmp_path / "b4", _requests(), 4, adapters=str(graph_adapters)
     )
     assert one == many and len(set(one)) > 1
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_bf16_outputs_and_loglikelihoods_are_bit_identical_at_any_batch_with_batch_invariant(
+    tiny_model_dir, graph_adapters, tmp_path, trained
+):
+    """Issue 18 for NeuroMAS: batch 1, 3 and 4 (fresh backends) give the same bits in bf16, mixed-adapter layers too."""
+    args = {"adapters": str(graph_adapters)} if trained else {"graph": "2x2"}
+    mc = [
+        Instance("loglikelihood", {"answer_format": "letter"}, (q, c), k, ("toy_mc", i, 1))
+        for i, q in enumerate(QUESTIONS)
+        for k, c in enumerate([" A", " B"])
+    ]
+    runs = []
+    for batch_size in (1, 3, 4):
+        outputs, _, lm = _fresh_generate(
+            "neuromas",
+            tiny_model_dir,
+            tmp_path / f"b{batch_size}",
+            _requests(),
+            batch_size,
+            dtype="bfloat16",
+            batch_invariant=True,
+            **args,
+        )
+        runs.append((outputs, lm.loglikelihood(mc, disable_tqdm=True)))
+        assert lm.get_model_info()["diffmas"]["batch_invariant"] is True
+    assert runs[0] == runs[1] == runs[2] and len(set(runs[0][0])) > 1
 
 
 def test_accounting_is_per_node_and_settings_record_the_graph(tiny_model_dir, graph_adapters, tmp_path):
