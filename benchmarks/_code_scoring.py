@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import git_revision  # the timed scorers run in fresh interpreters; torch here costs them nothing
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "perf"
 BENCHMARKS = {"humaneval": "humaneval_plus", "mbpp": "mbpp_plus"}
@@ -140,30 +142,6 @@ def run_scorer(scorer: str, dataset: str, programs: list[tuple[str, str]], paral
             result["verdicts"] = {t: [r[0]["base_status"], r[0]["plus_status"]] for t, r in evaluated.items()}
     verdicts = {task_id: tuple(statuses) for task_id, statuses in result["verdicts"].items()}
     return ScoringRun(scorer, result["seconds"], verdicts, result.get("sandbox"))
-
-
-def git_revision() -> str:
-    """HEAD, with `+dirty` when tracked files under diffmas_eval/ or benchmarks/ differ from it."""
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        status = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(REPO),
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-                "--",
-                "diffmas_eval",
-                "benchmarks",
-            ],
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def run_context() -> dict[str, Any]:

@@ -72,14 +72,28 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(path: str | Path, *, tie_word_embeddings: bool = True, seed: int = 0, layers: int = 2) -> Path:
-    """Write a tiny random Qwen2 causal LM and its tokenizer to `path` (a normal HF directory) and return it.
+def build_tiny_model(
+    path: str | Path,
+    *,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    kv_heads: int = 2,
+    extra_tokens: tuple[str, ...] = (),
+) -> Path:
+    """Write a tiny random Qwen2 causal LM (4 attention heads) and its tokenizer to `path` (a normal HF directory) and
+    return it.
 
     Args:
         path: target directory (created).
         tie_word_embeddings: False gives an untied lm_head, which exercises the realignment solve for real.
         seed: torch seed for the random weights.
         layers: number of decoder layers.
+        hidden_size, intermediate_size, kv_heads: the model's widths and KV heads (e.g. a second model of other
+            shapes for C2C).
+        extra_tokens: tokens added to the tokenizer (another vocabulary).
     """
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -87,14 +101,16 @@ def build_tiny_model(path: str | Path, *, tie_word_embeddings: bool = True, seed
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens))
     tokenizer.save_pretrained(path)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id,

@@ -23,6 +23,7 @@ from diffmas_eval.lm_backend import backend_class
 from diffmas_eval.methods import Question
 from diffmas_eval.methods.c2c import C2C, fit_length
 from diffmas_eval.methods.c2c_fuser import FUSER_WEIGHTS, C2CFuser, FuserConfig, KVShape, gate_temperature
+from diffmas_eval.testing import build_tiny_model
 from diffmas_eval.training.config import build_config
 from diffmas_eval.training.trainer import TRAIN_LOG, train
 
@@ -42,44 +43,12 @@ SIZES = {"hidden_dim": 32, "intermediate_dim": 48, "num_layers": 4, "fuser_dropo
 
 
 def build_tiny_sharer(path: Path, *, extra_token: bool = False) -> Path:
-    """A tiny Qwen2 unlike `build_tiny_model`'s: 3 layers, width 96, one KV head of dimension 24; the same tokenizer
-    (or, with `extra_token`, one more token: another vocabulary)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from diffmas_eval.testing import build_tiny_tokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
-    if extra_token:
-        tokenizer.add_tokens(["<|sharer_only|>"])
-    tokenizer.save_pretrained(path)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+    """A tiny Qwen2 unlike `build_tiny_model`'s default: 3 layers, width 96, one KV head of dimension 24; the same
+    tokenizer (or, with `extra_token`, one more token: another vocabulary)."""
+    extra = ("<|sharer_only|>",) if extra_token else ()
+    return build_tiny_model(
+        path, layers=3, hidden_size=96, intermediate_size=160, kv_heads=1, seed=7, extra_tokens=extra
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(7)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0.0, 0.2)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    return path
 
 
 def write_fuser(receiver_dir: Path, sharer_dir: Path, out: Path, gates: str = "open", seed: int = 0) -> Path:
