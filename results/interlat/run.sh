@@ -8,7 +8,7 @@
 #   bash results/interlat/run.sh train:stage1 eval:interlat   # selected parts
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-/work/shared/data}
+export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE=$ROOT/results/interlat
 RUNS=runs/interlat  # relative to the repository (the configs name runs/interlat/stage1 so)

@@ -1,0 +1,1 @@
+diffmas-eval --model interlat --model_args dtype=bfloat16,seed=1234,adapter=runs/interlat/stage2-k16,compressed=16,pretrained=smollm2-135m-instruct,sidecar=results/interlat/eval/interlat-k16/mas_arc_easy/sidecar.jsonl --tasks mas_arc_easy --batch_size 8 --output_path results/interlat/eval/interlat-k16/mas_arc_easy --gen_kwargs max_gen_toks=48 --limit 100 --log_samples
