@@ -35,6 +35,8 @@ from diffmas_eval.registry import model_names
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
+# Model args naming a trained artefact directory (DiffMAS / Interlat adapter, NeuroMAS adapters, C2C fuser).
+ARTEFACT_ARGS = ("adapter", "adapters", "fuser")
 _TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper"}
 
 
@@ -137,14 +139,15 @@ def plan(
         model_args = {**(defaults.get("model_args") or {}), **(run.get("model_args") or {})}
         if chosen_backbone:
             model_args["pretrained"] = chosen_backbone
-        adapter = model_args.get("adapter")
-        if adapter and not Path(adapter).is_absolute():  # relative to the config file, never to the working directory
-            adapter = model_args["adapter"] = str((Path(config.get("_dir", ".")) / adapter).resolve())
-        if adapter and not Path(adapter).is_dir():
-            raise FileNotFoundError(
-                f"run {run['name']!r}: adapter {adapter} does not exist; train it first "
-                "(see results/training/README.md) or leave the run out with --only"
-            )
+        for arg in ARTEFACT_ARGS:
+            artefact = model_args.get(arg)
+            if artefact and not Path(artefact).is_absolute():  # relative to the config file, never to the cwd
+                artefact = model_args[arg] = str((Path(config.get("_dir", ".")) / artefact).resolve())
+            if artefact and not Path(artefact).is_dir():
+                raise FileNotFoundError(
+                    f"run {run['name']!r}: {arg} {artefact} does not exist; train it first "
+                    "(see the config's comments) or leave the run out with --only"
+                )
         gen_kwargs = {**(defaults.get("gen_kwargs") or {}), **(run.get("gen_kwargs") or {})}
         batch_size = int(run.get("batch_size", defaults.get("batch_size", 1)))
         runs.append((run, model_args, gen_kwargs, batch_size))

@@ -135,3 +135,12 @@ def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # a working directory from which "../adapters/a" does not exist
     (piece,) = plan(load_config(path), tmp_path / "out")
     assert piece.model_args["adapter"] == str((tmp_path / "adapters" / "a").resolve())
+    # every artefact arg (C2C's fuser, NeuroMAS's adapters) resolves the same way, and a missing one is refused
+    config["runs"] = [{"name": "c", "model": "c2c", "model_args": {"fuser": "../adapters/a", "sharer": "x"}}]
+    path.write_text(yaml.safe_dump(config))
+    (piece,) = plan(load_config(path), tmp_path / "out")
+    assert piece.model_args["fuser"] == str((tmp_path / "adapters" / "a").resolve())
+    config["runs"] = [{"name": "n", "model": "neuromas", "model_args": {"adapters": "../adapters/none"}}]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(FileNotFoundError, match="adapters .* does not exist"):
+        plan(load_config(path), tmp_path / "out")

@@ -1,0 +1,1 @@
+diffmas-eval --model single-agent --model_args dtype=bfloat16,seed=1234,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/c2c-cpu/receiver/mas_arc_challenge_mc/sidecar.jsonl --tasks mas_arc_challenge_mc --batch_size 8 --output_path results/c2c-cpu/receiver/mas_arc_challenge_mc --limit 50 --log_samples

@@ -1,0 +1,1 @@
+diffmas-eval --model text-mas --model_args dtype=bfloat16,seed=1234,pretrained=qwen2.5-coder-0.5b-instruct,upstream_model=qwen2.5-coder-1.5b-instruct,topology=two_stage,max_new_tokens=48,sidecar=results/c2c-cpu/t2t/mas_openbookqa_mc/sidecar.jsonl --tasks mas_openbookqa_mc --batch_size 8 --output_path results/c2c-cpu/t2t/mas_openbookqa_mc --limit 50 --log_samples
