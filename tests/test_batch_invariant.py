@@ -136,7 +136,7 @@ def test_loglikelihoods_change_with_the_batch_when_the_mode_is_off(name, kwargs,
     assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], abs=0.1)  # rounding, not a bug
 
 
-def test_the_mode_is_on_by_default_on_cpu_and_recorded_in_results_and_the_run_key(tiny_model_dir, tmp_path):
+def test_the_mode_is_off_by_default_and_recorded_in_results_and_the_run_key(tiny_model_dir, tmp_path):
     infos = {}
     for invariant in (None, False, True):
         given = {} if invariant is None else {"batch_invariant": invariant}
@@ -148,9 +148,9 @@ def test_the_mode_is_on_by_default_on_cpu_and_recorded_in_results_and_the_run_ke
             **given,
         )
         infos[invariant] = lm.get_model_info()["diffmas"]
-        assert bi.is_batch_invariant(lm.backbone.model) is (invariant is not False)
-    assert infos[None]["batch_invariant"] is True and infos[False]["batch_invariant"] is False
-    assert infos[None]["run_key"] == infos[True]["run_key"] != infos[False]["run_key"]
+        assert bi.is_batch_invariant(lm.backbone.model) is (invariant is True)
+    assert infos[None]["batch_invariant"] is False and infos[True]["batch_invariant"] is True
+    assert infos[None]["run_key"] == infos[False]["run_key"] != infos[True]["run_key"]
 
 
 # --- the substituted kernels -------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def load_backbone(
     revision: str | None = None,
     trust_remote_code: bool = False,
     fast_cpu_kernels: bool = True,
-    batch_invariant: bool | None = False,
+    batch_invariant: bool = False,
 ) -> Backbone:
     """Load a causal LM and its tokenizer.
 
@@ -230,8 +230,7 @@ def load_backbone(
             within floating-point rounding. False keeps transformers' stock kernels.
         batch_invariant: run every inference forward with batch-invariant kernels (`core/batch_invariant.py`):
             each row's outputs are bit-identical at any batch size and composition. It brings its own CPU kernels;
-            `fast_cpu_kernels` then says whether their linears use oneDNN-packed weights. None: on when the model is
-            on CPU.
+            `fast_cpu_kernels` then says whether their linears use oneDNN-packed weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,8 +264,6 @@ def load_backbone(
     fingerprint = model_fingerprint(model)
     if device_map is None:
         model.to(resolve_device(device))
-    if batch_invariant is None:
-        batch_invariant = next(model.parameters()).device.type == "cpu"
     if batch_invariant:
         make_batch_invariant(model, getattr(model, model.base_model_prefix), pack_weights=fast_cpu_kernels)
     elif fast_cpu_kernels:
