@@ -21,8 +21,9 @@ import os
 import re
 from pathlib import Path
 
-# An absolute POSIX path inside text: a slash after a delimiter, then at least two path components.
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~$<>-])(/(?:[\w.+@-]+/)+[\w.+@-]*)")
+# An absolute POSIX path inside text: a slash after a delimiter, then at least two path components. A slash right
+# after a shell expansion (`$(pwd)/runs/x`, `${ROOT}/runs/x`) continues a relative path, not an absolute one.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~$<>)}-])(/(?:[\w.+@-]+/)+[\w.+@-]*)")
 # Embedded data (images in the HTML report) is not text with paths: it is left alone and not scanned.
 EMBEDDED_DATA = re.compile(r"(base64,[A-Za-z0-9+/=]+)")
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".tex", ".html", ".log", ".sh", ".py")
@@ -81,6 +82,7 @@ def make_portable(paths: list[Path], *, root: Path, data_dir: Path | None) -> li
             tmp = file.with_name(f".{file.name}.portable-tmp")
             with tmp.open("w", encoding="utf-8", newline="") as handle:
                 handle.write(new)
+            tmp.chmod(file.stat().st_mode)  # an executable script stays executable
             tmp.replace(file)
             changed.append(file)
     return changed

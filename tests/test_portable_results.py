@@ -50,6 +50,17 @@ def test_the_rewrite_rules(tmp_path):
         "url": "https://github.com/org/repo/blob/main/file.py",
     }
     assert absolute_paths("see /somewhere/else/file.txt") == ["/somewhere/else/file.txt"]
+    script = 'RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)/runs/training}\nOUT=${ROOT}/runs/x\n'
+    assert portable(script, file=root / "results" / "run.sh", root=root, data_dir=data) == script  # expansions
+
+
+def test_rewriting_keeps_a_scripts_mode(tmp_path):
+    script = tmp_path / "out" / "run.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text(f"python {tmp_path}/repo/x.py\n")
+    script.chmod(0o755)
+    assert make_portable([script], root=tmp_path / "repo", data_dir=None) == [script]
+    assert script.read_text() == "python x.py\n" and script.stat().st_mode & 0o777 == 0o755
 
 
 def test_rewriting_keeps_carriage_returns_and_is_idempotent(tmp_path):

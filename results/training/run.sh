@@ -8,8 +8,8 @@
 #   bash results/training/run.sh train:diffmas eval:diffmas   # only these parts (run two shells on two cores)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-/work/shared/data}
-RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)runs/training}
+export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}
+RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)/runs/training}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONFIGS=$HERE/../../configs/train
 LIMIT=300
