@@ -283,6 +283,11 @@ def test_bf16_batch_1_equals_batch_n_bit_for_bit_with_batch_invariant(
         for b in (1, 3, 4)
     ]
     assert runs[0] == runs[1] == runs[2] and len(set(runs[0][0])) > 1
+    if communication == "fused":  # the first document beside other neighbours (other_doc's partner would change)
+        batch = [QUESTIONS[0], *(item["question"] for item in ITEMS[:3])]
+        lm = _fresh("c2c", tmp_path / "mixed", dtype="bfloat16", batch_size=4, **args)
+        outputs, scores = _run_requests(lm, _generate_requests(batch), _mc_requests(batch))
+        assert outputs[0] == runs[0][0][0] and scores[:4] == runs[0][1][:4]
 
 
 def test_other_doc_fuses_the_partner_documents_sharer_cache(tiny_model_dir, sharer_dir, fusers):

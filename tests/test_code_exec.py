@@ -176,6 +176,24 @@ def test_unbounded_allocation_fails_under_the_memory_cap():
     assert not verdict.pass_base
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "def deeper(n):\n    return deeper(n + 1)\nreturn deeper(0)",  # RecursionError
+        # the interpreter's own stack: a limit far above the C stack crashes the process that runs the candidate
+        "import sys\nsys.setrecursionlimit(10**8)\ndef deeper(n):\n    return deeper(n + 1)\nreturn deeper(0)",
+    ],
+    ids=["recursion-error", "c-stack-overflow"],
+)
+def test_deep_recursion_fails_within_the_time_limit_and_the_next_check_passes(body):
+    limit = code_exec._wall_clock_limit(expected_output("humaneval_plus", "HumanEval/0"))
+    start = time.monotonic()
+    verdict = check_solution("humaneval_plus", "HumanEval/0", _add_all(body))
+    assert not verdict.pass_base and not verdict.pass_plus
+    assert time.monotonic() - start < limit
+    assert check_solution("humaneval_plus", "HumanEval/0", "def add_all(numbers):\n    return sum(numbers)").pass_plus
+
+
 def test_evaluation_goes_on_after_hostile_samples():
     """A run of hostile and normal samples in sequence: the normal ones after the hostile ones still pass."""
     hostile = [_add_all("while True:\n    pass"), _add_all("import posix\nposix.fork()")]

@@ -494,20 +494,20 @@ def test_stage2_gradients_reach_only_the_student(tmp_path, tiny_model_dir, data_
 # ---------------------------------------------------------------------------------------------------- the backend
 
 
-def _requests():
+def _requests(texts=tuple(q.text for q in QUESTIONS)):
     gen = [
         Instance(
             "generate_until",
             {"answer_format": "boxed_number"},
-            (q.text, {"until": [], "max_gen_toks": 6}),
+            (text, {"until": [], "max_gen_toks": 6}),
             0,
             ("t", i, 1),
         )
-        for i, q in enumerate(QUESTIONS)
+        for i, text in enumerate(texts)
     ]
     mc = [
-        Instance("loglikelihood", {"answer_format": "letter"}, (q.text, c), k, ("t_mc", i, 1))
-        for i, q in enumerate(QUESTIONS)
+        Instance("loglikelihood", {"answer_format": "letter"}, (text, c), k, ("t_mc", i, 1))
+        for i, text in enumerate(texts)
         for k, c in enumerate([" A", " B"])
     ]
     return gen, mc
@@ -558,6 +558,13 @@ def test_bf16_batch_1_equals_batch_n_bit_for_bit_with_batch_invariant(tmp_path, 
         runs.append((lm.generate_until(gen, disable_tqdm=True), lm.loglikelihood(mc, disable_tqdm=True)))
         assert lm.get_model_info()["diffmas"]["totals"].get("reused_requests", 0) == 0
     assert runs[0] == runs[1] == runs[2]
+    if setting.get("communication") != "other_doc":  # the first document beside other neighbours
+        gen, mc = _requests((QUESTIONS[0].text, *(item["question"] for item in ITEMS[3:6])))
+        lm = _backend(
+            tmp_path, "mixed", tiny_model_dir, stage2_dir, "bfloat16", batch_size=4, batch_invariant=True, **setting
+        )
+        outputs, scores = lm.generate_until(gen, disable_tqdm=True), lm.loglikelihood(mc, disable_tqdm=True)
+        assert outputs[0] == runs[0][0][0] and scores[:2] == runs[0][1][:2]
 
 
 def _one_position_forwards(method: Interlat) -> tuple[list[int], list[dict[str, int]]]:

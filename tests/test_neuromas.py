@@ -297,6 +297,24 @@ def test_bf16_outputs_and_loglikelihoods_are_bit_identical_at_any_batch_with_bat
         runs.append((outputs, lm.loglikelihood(mc, disable_tqdm=True)))
         assert lm.get_model_info()["diffmas"]["batch_invariant"] is True
     assert runs[0] == runs[1] == runs[2] and len(set(runs[0][0])) > 1
+    # the first document beside other neighbours
+    batch = [QUESTIONS[0], "What is 7 times 8?", "How many minutes are in 5 hours?", "Is water a cell?"]
+    outputs, _, lm = _fresh_generate(
+        "neuromas",
+        tiny_model_dir,
+        tmp_path / "mixed",
+        _requests(batch),
+        4,
+        dtype="bfloat16",
+        batch_invariant=True,
+        **args,
+    )
+    mixed_mc = [
+        Instance("loglikelihood", {"answer_format": "letter"}, (q, c), k, ("toy_mc", i, 1))
+        for i, q in enumerate(batch)
+        for k, c in enumerate([" A", " B"])
+    ]
+    assert outputs[0] == runs[0][0][0] and lm.loglikelihood(mixed_mc, disable_tqdm=True)[:2] == runs[0][1][:2]
 
 
 def test_accounting_is_per_node_and_settings_record_the_graph(tiny_model_dir, graph_adapters, tmp_path):
