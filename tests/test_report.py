@@ -379,3 +379,14 @@ def test_side_car_documents_beyond_a_limited_run_are_not_counted(tmp_path):
     sidecar.write_text("".join(json.dumps(line) + "\n" for line in lines + extra))
     columns = ["generated tokens / problem", "seconds / problem"]
     assert build_report([work]).tables["cost"][columns].equals(original.tables["cost"][columns])
+
+
+def test_settings_labels_name_neuromas_graphs_and_adapters_by_fingerprint():
+    """NeuroMAS rows are labelled by graph and adapters' fingerprint, never by paths or training records."""
+    from types import SimpleNamespace
+
+    from diffmas_eval.reporting.tables import _settings
+
+    trained = {"method": "neuromas", "graph": "2x2", "adapters_fingerprint": "743123fe04d12b5e", "max_new_tokens": 24}
+    run = SimpleNamespace(identity=trained, seed=1234, date=0.0)
+    assert _settings(run, with_seed=False, with_date=False) == ["graph=2x2", "adapters=743123fe", "max_new=24"]

@@ -41,6 +41,7 @@ RUN_FIELDS = frozenset(
         "cpu_kernels",
         "max_gen_toks_default",
         "adapter_training",
+        "adapters_training",
     }
 )
 
@@ -169,6 +170,8 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
             identity.pop("adapter", None)
         if identity.get("fuser_fingerprint"):  # a C2C fuser is identified by its weights, not its path
             identity.pop("fuser", None)
+        if identity.get("adapters_fingerprint"):  # NeuroMAS's per-node adapters likewise
+            identity.pop("adapters", None)
         prompts = identity.get("prompts")
         identity["prompts"] = prompts.get("sha256") if isinstance(prompts, dict) else prompts
         identity["decoding"] = decoding

@@ -103,6 +103,10 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
             parts.append(f"{label}={str(ident[key]).rstrip('/').rsplit('/', 1)[-1]}")
     if ident.get("fuser_fingerprint"):
         parts.append(f"fuser={ident['fuser_fingerprint'][:8]}")
+    if ident.get("graph") is not None:  # NeuroMAS: the graph, and its trained per-node adapters
+        parts.append(f"graph={ident['graph']}")
+    if ident.get("adapters_fingerprint"):
+        parts.append(f"adapters={ident['adapters_fingerprint'][:8]}")
     comm = ident.get("communication")
     if comm and comm != default_communication(method):
         parts.append(f"communication={comm}")
