@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# C2C evidence (issue 13), in resumable pieces, each one short process (on a shared machine, prefix with `heavy`):
+# C2C evidence (issue 13), in resumable pieces, each one short process:
 #   bash results/c2c/run.sh train            # the fuser, in pieces of 64 steps (resumes; runs/c2c/fuser-384, not committed)
 #   bash results/c2c/run.sh eval RUN TASK    # one evaluation piece of results/c2c-cpu.yaml (skipped when finished)
 #   bash results/c2c/run.sh eval-all         # every piece, one after another

@@ -1,0 +1,1 @@
+diffmas-eval --model c2c --model_args dtype=bfloat16,seed=1234,batch_invariant=False,pretrained=qwen2.5-coder-0.5b-instruct,sharer=qwen2.5-coder-1.5b-instruct,fuser=runs/c2c/fuser-384,sidecar=results/c2c-cpu/c2c/mas_arc_challenge_mc/sidecar.jsonl --tasks mas_arc_challenge_mc --batch_size 8 --output_path results/c2c-cpu/c2c/mas_arc_challenge_mc --limit 100 --log_samples
