@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 
 # An absolute POSIX path inside text: a slash after a delimiter, then at least two path components. A slash right
-# after a shell expansion (`$(pwd)/runs/x`, `${ROOT}/runs/x`) continues a relative path, not an absolute one.
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~$<>)}-])(/(?:[\w.+@-]+/)+[\w.+@-]*)")
+# after a shell expansion (`$(pwd)/runs/x`, `${ROOT}/runs/x`) continues a relative path, not an absolute one, and
+# one after a `+` is chemistry or arithmetic in a benchmark's text (`Na+/K+/2Cl-`).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~$<>)}+-])(/(?:[\w.+@-]+/)+[\w.+@-]*)")
 # Embedded data (images in the HTML report) is not text with paths: it is left alone and not scanned.
 EMBEDDED_DATA = re.compile(r"(base64,[A-Za-z0-9+/=]+)")
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".tex", ".html", ".log", ".sh", ".py")

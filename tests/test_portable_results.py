@@ -50,6 +50,7 @@ def test_the_rewrite_rules(tmp_path):
         "url": "https://github.com/org/repo/blob/main/file.py",
     }
     assert absolute_paths("see /somewhere/else/file.txt") == ["/somewhere/else/file.txt"]
+    assert absolute_paths("the Na+/K+/2Cl- cotransporter") == []  # benchmark text, not a path
     script = 'RUNS=${RUNS:-$(cd "$(dirname "$0")/../.." && pwd)/runs/training}\nOUT=${ROOT}/runs/x\n'
     assert portable(script, file=root / "results" / "run.sh", root=root, data_dir=data) == script  # expansions
 
