@@ -1,0 +1,1 @@
+diffmas-eval --model latent-mas --model_args dtype=bfloat16,seed=1234,batch_invariant=True,latent_steps=0,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/qwen-cpu/latent-mas-m0/mas_openbookqa_mc/sidecar.jsonl --tasks mas_openbookqa_mc --batch_size 8 --output_path results/qwen-cpu/latent-mas-m0/mas_openbookqa_mc --gen_kwargs max_gen_toks=512 --limit 500 --log_samples
