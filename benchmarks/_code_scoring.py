@@ -75,7 +75,7 @@ class ScoringRun:
 
 def data_dir() -> Path:
     if "DIFFMAS_DATA_DIR" not in os.environ:
-        raise SystemExit("set DIFFMAS_DATA_DIR to the benchmark data directory (e.g. ../shared/data: the offline copies, see ../shared/data/SOURCES.md)")
+        raise SystemExit("set DIFFMAS_DATA_DIR to the benchmark data directory (e.g. ../shared/data)")
     return Path(os.environ["DIFFMAS_DATA_DIR"]).resolve()
 
 

@@ -50,7 +50,7 @@ def setup(args: argparse.Namespace) -> None:
     """Apply the thread count and check the data directory before any model work."""
     torch.set_num_threads(args.threads)
     if "DIFFMAS_DATA_DIR" not in os.environ:
-        raise SystemExit("set DIFFMAS_DATA_DIR to the benchmark data directory (e.g. ../shared/data: the offline copies, see ../shared/data/SOURCES.md)")
+        raise SystemExit("set DIFFMAS_DATA_DIR to the benchmark data directory (e.g. ../shared/data)")
 
 
 def gsm8k_questions(n: int) -> list[str]:

@@ -83,7 +83,9 @@ def main() -> None:
     if not reference:
         return
     print("\nPaired against the receiver alone (same documents):\n")
-    print("| row | shared docs | difference (pp) | 95% CI (pp) | p-value | test | discordant (row only / receiver only) |")
+    header = "| row | shared docs | difference (pp) | 95% CI (pp) | p-value | test "
+    header += "| discordant (row only / receiver only) |"
+    print(header)
     print("|---|---|---|---|---|---|---|")
     for name in [r for r in ORDER if r in rows and r != "receiver-alone"]:
         shared = sorted(set(documents[name]) & set(reference))
