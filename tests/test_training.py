@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.lm_backend import DiffMASLM, SingleAgentLM
 from diffmas_eval.methods.adapter import attach_adapter
-from diffmas_eval.training.config import build_config, parse_args
+from diffmas_eval.training.config import TrainConfig, build_config, parse_args
 from diffmas_eval.training.data import prepare_items
 from diffmas_eval.training.lora import attach_lora
 from diffmas_eval.training.trace_nll import build_loss, build_method
@@ -374,3 +374,31 @@ def test_balanced_letters_are_uniform_and_keep_each_items_answer(tmp_path, monke
         assert before.id == after.id and stem == stem_after and sorted(options) == sorted(options_after)
         assert options_after[gold_after] == options[gold] and after.target == "ABCDE"[gold_after]
         assert f"{after.target}. {options[gold]}" in after.question.split("\n")
+
+
+def test_per_source_cap_keeps_at_most_n_of_each_source_independently_of_the_others(tmp_path, monkeypatch):
+    arc_train = [_arc_row(f"a{i}", f"ARC question {i}?", ["x", "y", "z", "w"], 0) for i in range(12)]
+    obqa_train = [_arc_row(f"o{i}", f"OBQA question {i}?", ["x", "y", "z", "w"], 1) for i in range(3)]
+    data = _data_dir_with_train_splits(
+        tmp_path, {"arc_easy/train.jsonl": arc_train, "openbookqa/train.jsonl": obqa_train}
+    )
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data))
+    kwargs = {"decontaminate_items": False, "max_items": None, "seed": 5, "max_per_source": 4}
+    mixed, report = prepare_items(["arc_easy", "openbookqa"], None, None, **kwargs)
+    assert report.capped == {"arc_easy": 4, "openbookqa": 3}
+    assert report.as_dict()["kept_per_source_after_cap"] == {"arc_easy": 4, "openbookqa": 3}
+    arc_ids = [item.id for item in mixed if item.source == "arc_easy"]
+    assert len(arc_ids) == 4 and arc_ids != ["a0", "a1", "a2", "a3"]  # a seeded subset, not the head of the file
+    assert [item.id for item in mixed if item.source == "openbookqa"] == ["o0", "o1", "o2"]
+    alone, _ = prepare_items(["arc_easy"], None, None, **kwargs)  # another source does not move this one's subset
+    assert [item.id for item in alone] == arc_ids
+    other_seed, _ = prepare_items(["arc_easy"], None, None, **{**kwargs, "seed": 6})
+    assert [item.id for item in other_seed] != arc_ids
+    with pytest.raises(ValueError, match="max_items_per_source must be > 0"):
+        TrainConfig(output_dir=str(tmp_path / "out"), max_items_per_source=0).validate()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")), ids=str)
+def test_every_committed_training_config_builds_and_validates(path, tmp_path):
+    config = build_config({"output_dir": str(tmp_path / "out")}, path)
+    assert config.output_dir == str(tmp_path / "out")

@@ -48,7 +48,13 @@ class TrainConfig:
         "Answer format of the targets and of the final agent's instruction (default: each source's evaluation task "
         "format; `letter` matches the `_mc` tasks)."
     )
-    max_train_items: int | None = _help("Use a seeded random subset of this many items (after decontamination).")
+    max_items_per_source: int | None = _help(
+        "Cap each source at a seeded random subset of this many items (after decontamination), so a mix of sources "
+        "is not dominated by the largest."
+    )
+    max_train_items: int | None = _help(
+        "Use a seeded random subset of this many items (after decontamination and the per-source cap)."
+    )
     balance_letters: bool = _help(
         "Reorder each multiple-choice item's options so the gold letters are uniform (seeded), so the adapter cannot "
         "learn a letter prior.",
@@ -107,6 +113,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps > 0, "max_steps must be > 0"),
             (self.epochs > 0, "epochs must be > 0"),
             (self.max_train_items is None or self.max_train_items > 0, "max_train_items must be > 0"),
+            (self.max_items_per_source is None or self.max_items_per_source > 0, "max_items_per_source must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

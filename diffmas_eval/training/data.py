@@ -44,6 +44,7 @@ class DataReport:
 
     loaded: dict[str, int] = field(default_factory=dict)
     decontaminated: dict[str, int] = field(default_factory=dict)
+    capped: dict[str, int] = field(default_factory=dict)
     too_long: int = 0
     used: int = 0
     eval_sets_checked: list[str] = field(default_factory=list)
@@ -52,6 +53,7 @@ class DataReport:
         return {
             "loaded": self.loaded,
             "dropped_as_eval_items": self.decontaminated,
+            "kept_per_source_after_cap": self.capped,
             "dropped_too_long": self.too_long,
             "used": self.used,
             "eval_sets_checked": self.eval_sets_checked,
@@ -302,6 +304,20 @@ def balance_letters(items: list[TrainItem], seed: int) -> list[TrainItem]:
     return balanced
 
 
+def cap_per_source(items: list[TrainItem], cap: int, seed: int, report: DataReport) -> list[TrainItem]:
+    """At most `cap` items of each source: a seeded random subset of a larger source (seeded by `seed` and the
+    source's name, so adding a source does not change another's subset), in the sources' original order."""
+    by_source: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_source.setdefault(item.source, []).append(index)
+    keep: set[int] = set()
+    for source, indices in by_source.items():
+        chosen = indices if len(indices) <= cap else random.Random(f"{seed}:{source}").sample(indices, cap)
+        keep.update(chosen)
+        report.capped[source] = len(chosen)
+    return [item for index, item in enumerate(items) if index in keep]
+
+
 def prepare_items(
     names: list[str],
     answer_format: str | None,
@@ -311,15 +327,18 @@ def prepare_items(
     max_items: int | None,
     seed: int,
     balance: bool = False,
+    max_per_source: int | None = None,
 ) -> tuple[list[TrainItem], DataReport]:
-    """Load, decontaminate, subsample (seeded) and optionally letter-balance the training items; an empty result is
-    an error."""
+    """Load, decontaminate, cap each source and subsample (seeded), and optionally letter-balance the training items;
+    an empty result is an error."""
     items, counts = load_train_items(names, answer_format, data_dir)
     report = DataReport(loaded=counts)
     if decontaminate_items:
         items = decontaminate(items, data_dir, report)
     if not items:
         raise ValueError(f"no training items left from {names} (loaded {counts}, dropped {report.decontaminated})")
+    if max_per_source is not None:
+        items = cap_per_source(items, max_per_source, seed, report)
     if max_items is not None and max_items < len(items):
         items = random.Random(seed).sample(items, max_items)
     if balance:

@@ -102,6 +102,7 @@ def build_manifest(config: TrainConfig, objective: Objective, report: DataReport
         "data": {
             "sources": config.data,
             "answer_format": config.answer_format,
+            "max_items_per_source": config.max_items_per_source,
             "max_train_items": config.max_train_items,
             "balance_letters": config.balance_letters,
             "decontaminate": config.decontaminate,
@@ -160,6 +161,7 @@ def train(config: TrainConfig, backbone: Any = None) -> Path:
         config.data_dir,
         decontaminate_items=config.decontaminate,
         max_items=config.max_train_items,
+        max_per_source=config.max_items_per_source,
         seed=config.seed,
         balance=config.balance_letters,
     )
