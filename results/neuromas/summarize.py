@@ -14,6 +14,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WINDOW = 4  # steps in the moving average of the training reward
+# The comparisons the experiment is about (the report pairs every row with the untrained single agent only).
+PAIRS = [
+    ("2x3-grown", "2x3-scratch", "growth: grown vs from scratch at about equal rollout tokens"),
+    ("2x2", "untrained-2x2", "RL: the 2x2 graph after GRPO vs untrained"),
+    ("2x2", "single", "the trained 2x2 graph vs the single agent trained with the same GRPO (the control)"),
+    ("2x3-grown", "single", "the grown 2x3 vs the trained single agent"),
+]
 
 
 def rollout_curves() -> dict[str, list[dict]]:
@@ -69,6 +76,35 @@ def evaluations() -> list[tuple[str, dict]]:
     return rows
 
 
+def per_problem(condition: str) -> dict[int, float]:
+    """Accuracy per held-out problem (doc_id -> 0/1) of one evaluated condition."""
+    files = sorted(glob.glob(str(HERE / "evals" / condition / "**" / "samples_*.jsonl"), recursive=True))
+    if not files:
+        return {}
+    rows = [json.loads(line) for line in Path(files[-1]).read_text().splitlines() if line.strip()]
+    return {row["doc_id"]: float(row["acc"]) for row in rows}
+
+
+def paired_lines() -> list[str]:
+    """McNemar tests of PAIRS on the problems both conditions scored."""
+    from diffmas_eval.reporting.stats import paired_compare
+
+    lines = ["| comparison | a | b | n | a % | b % | a - b (pp) [95% CI] | p (McNemar) | a only / b only |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for a, b, what in PAIRS:
+        scores_a, scores_b = per_problem(a), per_problem(b)
+        shared = sorted(set(scores_a) & set(scores_b))
+        if not shared:
+            continue
+        cmp = paired_compare([scores_a[i] for i in shared], [scores_b[i] for i in shared])
+        lines.append(
+            f"| {what} | {a} | {b} | {cmp.n} | {100 * cmp.mean_a:.1f} | {100 * cmp.mean_b:.1f} | "
+            f"{100 * cmp.difference:+.1f} [{100 * cmp.ci_low:+.1f}, {100 * cmp.ci_high:+.1f}] | {cmp.p_value:.3g} | "
+            f"{cmp.a_only} / {cmp.b_only} |"
+        )
+    return lines
+
+
 def main() -> None:
     curves = rollout_curves()
     if curves:
@@ -93,6 +129,7 @@ def main() -> None:
             f"| {name} | {log[-1]['step']} | {lineage_tokens(name) + log[-1]['rollout_tokens']} | "
             f"{sum(r['reward'] for r in head) / len(head):.3f} | {sum(r['reward'] for r in tail) / len(tail):.3f} |"
         )
+    lines += ["", *paired_lines()]
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if evaluations():
