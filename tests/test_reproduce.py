@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,29 @@ def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkey
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(FileNotFoundError, match="adapters .* does not exist"):
         plan(load_config(path), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*(REPO / "results").glob("*.yaml"), *(REPO / "baselines" / "repro").glob("*.yaml")]), ids=str
+)
+def test_every_committed_reproduction_config_is_valid(path):
+    """Each committed config loads, names only known tasks, and gives each method only model args it takes."""
+    from dataclasses import fields
+
+    from diffmas_eval.lm_backend import BackendArgs
+    from diffmas_eval.methods import get_method
+    from diffmas_eval.reproduce import ARTEFACT_ARGS
+
+    config = load_config(path)
+    declared = re.compile(r"^(?:task|group): *(\S+)", re.MULTILINE)  # task YAMLs hold lm-eval's !function tags
+    known_tasks = {name for f in (REPO / "tasks").rglob("*.yaml") for name in declared.findall(f.read_text())}
+    assert set(config["tasks"]) <= known_tasks, sorted(set(config["tasks"]) - known_tasks)
+    defaults = (config.get("defaults") or {}).get("model_args") or {}
+    for run in config["runs"]:
+        accepted = {f.name for f in fields(BackendArgs)} | {
+            f.name for f in fields(get_method(run["model"]).config_class)
+        }
+        stray = set({**defaults, **(run.get("model_args") or {})}) - accepted
+        assert not stray, f"run {run['name']!r}: model args {sorted(stray)} are not {run['model']}'s"
+    runnable = [r["name"] for r in config["runs"] if not set(r.get("model_args") or {}) & set(ARTEFACT_ARGS)]
+    assert plan(config, Path("out"), only=runnable)
