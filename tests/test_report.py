@@ -390,3 +390,15 @@ def test_settings_labels_name_neuromas_graphs_and_adapters_by_fingerprint():
     trained = {"method": "neuromas", "graph": "2x2", "adapters_fingerprint": "743123fe04d12b5e", "max_new_tokens": 24}
     run = SimpleNamespace(identity=trained, seed=1234, date=0.0)
     assert _settings(run, with_seed=False, with_date=False) == ["graph=2x2", "adapters=743123fe", "max_new=24"]
+
+
+def test_a_limit_that_covers_the_whole_task_is_not_marked_as_a_subset():
+    from types import SimpleNamespace
+
+    from diffmas_eval.reporting.tables import _limited
+
+    limited_run, full_run = SimpleNamespace(limit=164), SimpleNamespace(limit=None)
+    assert not _limited(limited_run, SimpleNamespace(n=164, n_original=164))  # HumanEval+ with --limit 164
+    assert _limited(limited_run, SimpleNamespace(n=100, n_original=164))
+    assert _limited(limited_run, SimpleNamespace(n=100, n_original=None))  # size unknown: trust the --limit
+    assert not _limited(full_run, SimpleNamespace(n=100, n_original=None))

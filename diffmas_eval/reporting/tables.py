@@ -176,7 +176,11 @@ def _disambiguate(rows: list[Row]) -> None:
 
 
 def _limited(run: Run, result: TaskResult) -> bool:
-    return run.limit is not None or (result.n_original is not None and result.n < result.n_original)
+    """Whether a result covers only part of its task: fewer documents than the task has when lm-eval recorded the
+    task's size (a `--limit` at or above it is the whole set), else whether a `--limit` was given."""
+    if result.n_original is not None:
+        return result.n < result.n_original
+    return run.limit is not None
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
