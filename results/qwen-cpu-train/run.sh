@@ -7,7 +7,8 @@
 # each piece its own process resumed from the last checkpoint (a piece stays well under an hour on one core);
 # a finished run is skipped.
 #
-#   bash results/qwen-cpu-train/run.sh                         # all three
+#   bash results/qwen-cpu-train/run.sh                         # the three m = 0 runs
+#   bash results/qwen-cpu-train/run.sh diffmas-m10             # DiffMAS at m = 10 (configs/train/qwen_diffmas_m10.yaml)
 #   bash results/qwen-cpu-train/run.sh diffmas                 # one (diffmas, diffmas-frozen, single-agent-lora)
 #   PIECE=4 MAX_PIECES=1 bash results/qwen-cpu-train/run.sh diffmas   # one piece, then stop (resume later)
 # Then evaluate the rows through the leaderboard:
@@ -47,7 +48,8 @@ for part in "${PARTS[@]}"; do
   case $part in
     diffmas) train diffmas "$ROOT/configs/train/qwen_diffmas.yaml" ;;
     diffmas-frozen) train diffmas-frozen "$ROOT/configs/train/qwen_frozen.yaml" ;;
+    diffmas-m10) train diffmas-m10 "$ROOT/configs/train/qwen_diffmas_m10.yaml" ;;
     single-agent-lora) train single-agent-lora "$ROOT/configs/train/qwen_single.yaml" ;;
-    *) echo "unknown run $part (diffmas, diffmas-frozen or single-agent-lora)" >&2; exit 2 ;;
+    *) echo "unknown run $part (diffmas, diffmas-frozen, diffmas-m10 or single-agent-lora)" >&2; exit 2 ;;
   esac
 done
