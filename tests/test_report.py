@@ -402,3 +402,29 @@ def test_a_limit_that_covers_the_whole_task_is_not_marked_as_a_subset():
     assert _limited(limited_run, SimpleNamespace(n=100, n_original=164))
     assert _limited(limited_run, SimpleNamespace(n=100, n_original=None))  # size unknown: trust the --limit
     assert not _limited(full_run, SimpleNamespace(n=100, n_original=None))
+
+
+def test_an_adapter_trained_with_a_frozen_trace_is_named_in_the_row_label(tmp_path):
+    """The frozen-trace ablation and the coupled DiffMAS adapter differ only in weights: the label says which is which."""
+    from types import SimpleNamespace
+
+    from diffmas_eval.reporting.load import WarningLog, _identity
+    from diffmas_eval.reporting.tables import _settings
+
+    def label(frozen: bool) -> list[str]:
+        config = {
+            "diffmas": {
+                "method": "diffmas",
+                "backbone": "qwen2.5-coder-0.5b-instruct",
+                "latent_steps": 0,
+                "realign": False,
+                "adapter": "runs/qwen/x",
+                "adapter_fingerprint": "2f1ffb307e1398cc",
+                "adapter_training": {"method": "diffmas", "latent_steps": 0, "frozen_trace": frozen},
+            }
+        }
+        _, identity, seed = _identity(config, tmp_path / "results.json", WarningLog())
+        return _settings(SimpleNamespace(identity=identity, seed=seed, date=0.0), with_seed=False, with_date=False)
+
+    assert label(True) == ["m=0", "no-realign", "adapter=2f1ffb30", "trained with a frozen trace"]
+    assert label(False) == ["m=0", "no-realign", "adapter=2f1ffb30"]

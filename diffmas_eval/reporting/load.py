@@ -168,6 +168,9 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
         identity = {name: value for name, value in diffmas.items() if name not in RUN_FIELDS}
         if identity.get("adapter_fingerprint"):
             identity.pop("adapter", None)
+        training = diffmas.get("adapter_training")
+        if isinstance(training, dict) and training.get("frozen_trace"):  # the ablation: shown in the row's label
+            identity["adapter_frozen_trace"] = True
         if identity.get("fuser_fingerprint"):  # a C2C fuser is identified by its weights, not its path
             identity.pop("fuser", None)
         if identity.get("adapters_fingerprint"):  # NeuroMAS's per-node adapters likewise

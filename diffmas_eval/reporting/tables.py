@@ -98,6 +98,8 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
         parts.append(f"adapter={str(ident['adapter']).rstrip('/').rsplit('/', 1)[-1]}")
     elif ident.get("adapter_fingerprint"):
         parts.append(f"adapter={ident['adapter_fingerprint'][:8]}")
+    if ident.get("adapter_frozen_trace"):
+        parts.append("trained with a frozen trace")
     for key, label in (("sharer", "sharer"), ("upstream_model", "upstream")):  # C2C's sharer, T2T's writer
         if ident.get(key):
             parts.append(f"{label}={str(ident[key]).rstrip('/').rsplit('/', 1)[-1]}")
