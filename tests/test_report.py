@@ -405,7 +405,7 @@ def test_a_limit_that_covers_the_whole_task_is_not_marked_as_a_subset():
 
 
 def test_an_adapter_trained_with_a_frozen_trace_is_named_in_the_row_label(tmp_path):
-    """The frozen-trace ablation and the coupled DiffMAS adapter differ only in weights: the label says which is which."""
+    """The frozen-trace ablation and the coupled DiffMAS adapter differ only in weights: the label tells them apart."""
     from types import SimpleNamespace
 
     from diffmas_eval.reporting.load import WarningLog, _identity
