@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -428,3 +430,26 @@ def test_an_adapter_trained_with_a_frozen_trace_is_named_in_the_row_label(tmp_pa
 
     assert label(True) == ["m=0", "no-realign", "adapter=2f1ffb30", "trained with a frozen trace"]
     assert label(False) == ["m=0", "no-realign", "adapter=2f1ffb30"]
+
+
+def test_a_trained_adapter_row_is_paired_with_the_lora_single_agent_control(tmp_path):
+    """DiffMAS's fair baseline is the LoRA single agent trained on the same data: the paired table includes it."""
+    source = GOOD / "single-agent"  # a DiffMAS run evaluated with an adapter
+    shutil.copytree(source, tmp_path / "diffmas")
+    shutil.copytree(source, tmp_path / "lora")
+    results = next((tmp_path / "lora").glob("results_*.json"))
+    data = json.loads(results.read_text())
+    ident = data["config"]["diffmas"]
+    for key in ("topology", "latent_steps", "realign", "communication", "max_new_tokens"):
+        ident.pop(key)
+    ident.update(method="single-agent", adapter="/ckpt/single-agent-lora")
+    results.write_text(json.dumps(data))
+
+    paired = build_report([tmp_path]).tables["paired"]
+    versus_lora = paired[paired["vs_method"] == "single-agent-lora"]
+    assert sorted(versus_lora["task"]) == ["mas_arc_easy", "mas_gsm8k"]
+    assert set(versus_lora["method"]) == {"diffmas"} and set(versus_lora["difference (pp)"]) == {"+0.0"}
+    assert "single-agent-lora" in versus_lora["versus"].iloc[0]
+    shutil.rmtree(tmp_path / "lora")
+    alone = build_report([tmp_path]).tables["paired"]
+    assert (alone["vs_method"] != "single-agent-lora").all()

@@ -514,18 +514,46 @@ def seed_spread_table(rows: list[Row]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------- paired comparisons
 
 
+LORA_CONTROL = "single-agent-lora"  # the `vs_method` of comparisons with the LoRA single-agent control
+
+
+def _has_adapter(row: Row) -> bool:
+    return bool(row.identity.get("adapter_fingerprint") or row.identity.get("adapter"))
+
+
+def lora_control_rows(rows: list[Row], row: Row) -> list[Row]:
+    """For a row of a method evaluated with a trained adapter (DiffMAS): the LoRA single-agent controls on the same
+    backbone, the fair baseline trained on the same data and steps; none for other rows."""
+    if row.kind != "method" or row.method == "single-agent" or not _has_adapter(row):
+        return []
+    return [
+        r
+        for r in rows
+        if r.method == "single-agent"
+        and r.kind == "control"
+        and _has_adapter(r)
+        and normalize_backbone(r.backbone) == normalize_backbone(row.backbone)
+    ]
+
+
 def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
-    """Each row vs the single agent and vs LatentMAS (same backbone) on the documents both scored."""
+    """Each row vs the single agent and vs LatentMAS (same backbone) on the documents both scored; a row evaluated
+    with a trained adapter also vs each LoRA single-agent control."""
     records = []
     for row in rows:
         for task, (_, result) in sorted(row.entries.items(), key=lambda kv: task_sort_key(kv[0])):
             if result.samples is None:
                 continue
             metric = result.headline
-            for ref_method in ("single-agent", "latent-mas"):
+            for ref_method in ("single-agent", "latent-mas", LORA_CONTROL):
                 if row.kind == "method" and row.method in ("single-agent", ref_method):
                     continue  # the references themselves: their comparisons appear from the other side
-                for ref in reference_rows(rows, row, ref_method):
+                references = (
+                    lora_control_rows(rows, row)
+                    if ref_method == LORA_CONTROL
+                    else reference_rows(rows, row, ref_method)
+                )
+                for ref in references:
                     ref_result = ref.entries.get(task, (None, None))[1]
                     if ref_result is None or ref_result.samples is None:
                         continue
