@@ -37,7 +37,7 @@ _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
 # Model args naming a trained artefact directory (DiffMAS / Interlat adapter, NeuroMAS adapters, C2C fuser).
 ARTEFACT_ARGS = ("adapter", "adapters", "fuser")
-_TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper"}
+_TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper", "slim"}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Piece:
     limit: int | None
     directory: Path
     extra: list[str] = field(default_factory=list)
+    slim: bool = False  # drop benchmark text from the finished piece's samples and side-car (`diffmas_eval.slim`)
 
     def command(self) -> list[str]:
         args = {**self.model_args, "sidecar": str(self.directory / "sidecar.jsonl")}
@@ -170,6 +171,7 @@ def plan(
                     batch_size=batch_size,
                     limit=piece_limit,
                     directory=out / run["name"] / task,
+                    slim=bool(config.get("slim", False)),
                 )
             )
     return pieces
@@ -188,6 +190,10 @@ def run_piece(piece: Piece) -> int:
     from diffmas_eval.portable import make_portable
 
     make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
+    if piece.slim and code == 0 and piece.finished():  # an unfinished piece's side-car is its resume cache
+        from diffmas_eval.slim import slim_results
+
+        slim_results([piece.directory])
     return code
 
 

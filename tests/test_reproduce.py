@@ -102,6 +102,7 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
             {"name": "latent-mas", "model": "latent-mas", "model_args": {"latent_steps": 1}},
         ],
         "tasks": {"mas_arc_easy_mc": 2},
+        "slim": True,
     }
     path = _write(tmp_path, config)
     env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -120,6 +121,11 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     methods = {json.loads(r.read_text())["config"]["diffmas"]["method"] for r in results}
     assert methods == {"single-agent", "latent-mas"}
     assert (tmp_path / "out" / "report" / "report.md").is_file()
+    # `slim: true`: each finished piece keeps scores and hashes, not the questions or the outputs
+    samples = [json.loads(line) for r in results for s in r.parent.glob("samples_*.jsonl") for line in s.open()]
+    assert len(samples) == 2 * 2 and all("doc" not in s and "resps" not in s and "acc" in s for s in samples)
+    sidecars = [json.loads(line) for p in (tmp_path / "out").rglob("sidecar.jsonl") for line in p.open()]
+    assert sidecars and all("result" not in record for record in sidecars)
     second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0 and second.stdout.count(": done") == 2
 

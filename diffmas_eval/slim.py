@@ -1,0 +1,98 @@
+"""Results without benchmark text: keep what the report reads, drop questions, prompts and model outputs.
+
+lm-eval's samples files hold every document, prompt and response, and our side-cars hold each request's final text
+(the resume cache). That makes committed results large (megabytes per piece) and copies benchmark text into the repo,
+which some benchmarks' authors ask us not to do. The report needs none of it:
+- samples (`samples_<task>_<stamp>.jsonl`) keep `doc_id`, `filter`, `metrics`, the three hashes the report checks
+  against the results file's `task_hashes`, and each metric's value;
+- side-cars (`sidecar.jsonl`) keep counts, timings and keys; the final `result` and the agents' `text` go.
+
+A slimmed side-car can no longer resume its piece (the stored results are gone): slim finished pieces only.
+`diffmas-eval reproduce` slims each piece it finishes when its config says `slim: true`.
+
+    python -m diffmas_eval.slim results/qwen-cpu        # rewrite in place (atomically), print what changed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash")
+SIDECAR_TEXT_KEYS = ("result",)
+AGENT_TEXT_KEYS = ("text",)
+
+
+def slim_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval sample line without its text: the identity keys and the values of the metrics it lists."""
+    kept = {key: sample[key] for key in SAMPLE_KEYS if key in sample}
+    kept.update({name: sample[name] for name in sample.get("metrics") or [] if name in sample})
+    return kept
+
+
+def slim_sidecar_record(record: dict[str, Any]) -> dict[str, Any]:
+    """One side-car line without the request's output text and the agents' messages."""
+    kept = {key: value for key, value in record.items() if key not in SIDECAR_TEXT_KEYS}
+    if isinstance(kept.get("agents"), list):
+        kept["agents"] = [
+            {k: v for k, v in agent.items() if k not in AGENT_TEXT_KEYS} if isinstance(agent, dict) else agent
+            for agent in kept["agents"]
+        ]
+    return kept
+
+
+def _slim_lines(text: str, slim_one) -> str:
+    """Each JSON line through `slim_one`; a line that is not JSON (a write cut short) is kept as it is."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            out.append(line)
+            continue
+        out.append(json.dumps(slim_one(record), ensure_ascii=False) if isinstance(record, dict) else line)
+    return "".join(f"{line}\n" for line in out)
+
+
+def _slimmer(file: Path):
+    if file.name.startswith("samples_") and file.suffix == ".jsonl":
+        return slim_sample
+    if file.name == "sidecar.jsonl" or (file.name.startswith("sidecar") and file.suffix == ".jsonl"):
+        return slim_sidecar_record
+    return None
+
+
+def slim_results(paths: list[Path]) -> list[Path]:
+    """Rewrite every samples file and side-car below `paths` in place (each atomically); returns those that changed."""
+    changed = []
+    files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("*.jsonl")))]
+    for file in files:
+        slim_one = _slimmer(file)
+        if slim_one is None or not file.is_file():
+            continue
+        text = file.read_text(encoding="utf-8")
+        new = _slim_lines(text, slim_one)
+        if new != text:
+            tmp = file.with_name(f".{file.name}.slim-tmp")
+            tmp.write_text(new, encoding="utf-8")
+            tmp.replace(file)
+            changed.append(file)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffmas_eval.slim", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="result files or directories to rewrite in place")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such file or directory: {', '.join(missing)}")
+    for file in slim_results(args.paths):
+        print(file)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

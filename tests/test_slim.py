@@ -1,0 +1,145 @@
+"""Slimmed results (`diffmas_eval.slim`) carry no benchmark text and give the same report as the full files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from diffmas_eval.reporting import build_report
+from diffmas_eval.reporting.baselines import baselines_dir
+from diffmas_eval.slim import slim_results, slim_sample, slim_sidecar_record
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = REPO / "tests" / "fixtures" / "results" / "good"
+TEXT_SAMPLE_KEYS = ("doc", "target", "arguments", "resps", "filtered_resps")
+# The committed leaderboards whose pieces are slimmed (their configs say `slim: true`).
+SLIM_RESULTS = ("results/qwen-cpu",)
+
+
+def _text_keys(directory: Path) -> set[str]:
+    """Text-bearing keys found in the samples files and side-cars below `directory`."""
+    found = set()
+    for file in directory.rglob("*.jsonl"):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if file.name.startswith("samples_"):
+                found |= {key for key in TEXT_SAMPLE_KEYS if key in record}
+            elif file.name.startswith("sidecar"):
+                found |= {"result"} & set(record)
+                found |= {"agents.text" for agent in record.get("agents") or [] if "text" in agent}
+    return found
+
+
+def test_a_sample_keeps_identity_hashes_and_metric_values_only():
+    sample = {
+        "doc_id": 3,
+        "doc": {"question": "Which gas do plants take in?"},
+        "target": "B",
+        "arguments": {"gen_args_0": {"arg_0": "prompt"}},
+        "resps": [["\\boxed{B}"]],
+        "filtered_resps": ["\\boxed{B}"],
+        "filter": "none",
+        "metrics": ["exact_match", "extracted"],
+        "doc_hash": "d",
+        "prompt_hash": "p",
+        "target_hash": "t",
+        "exact_match": 1.0,
+        "extracted": 1.0,
+    }
+    assert slim_sample(sample) == {
+        "doc_id": 3,
+        "filter": "none",
+        "metrics": ["exact_match", "extracted"],
+        "doc_hash": "d",
+        "prompt_hash": "p",
+        "target_hash": "t",
+        "exact_match": 1.0,
+        "extracted": 1.0,
+    }
+    record = {
+        "doc_id": 3,
+        "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4, "text": "a plan"}],
+        "final": {"generated_tokens": 5, "stopped_before_budget": True},
+        "wall_seconds": 1.5,
+        "result": "\\boxed{B}",
+    }
+    assert slim_sidecar_record(record) == {
+        "doc_id": 3,
+        "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4}],
+        "final": {"generated_tokens": 5, "stopped_before_budget": True},
+        "wall_seconds": 1.5,
+    }
+
+
+def _copy_with_sidecar_text(target: Path) -> None:
+    """The fixtures, with each side-car line carrying its output text and agent messages as the backends write them
+    today (the fixtures predate those keys)."""
+    shutil.copytree(GOOD, target)
+    for file in target.rglob("sidecar*.jsonl"):
+        lines = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            record["result"] = f"answer to {record.get('doc_id')}"
+            for agent in record.get("agents") or []:
+                agent["text"] = "a message"
+            lines.append(json.dumps(record))
+        file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def _relative_files(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The frame with its `file` column relative to `root` (the two copies live in different directories)."""
+    if "file" not in frame:
+        return frame
+    return frame.assign(file=frame["file"].map(lambda path: str(Path(path).relative_to(root))))
+
+
+def test_the_report_of_slimmed_results_equals_the_report_of_the_full_ones(tmp_path):
+    full, slimmed = tmp_path / "full", tmp_path / "slim"
+    _copy_with_sidecar_text(full)
+    _copy_with_sidecar_text(slimmed)
+    assert _text_keys(full) >= {"doc", "resps", "result"}  # the fixtures hold text, so the check below can fail
+    changed = slim_results([slimmed])
+    assert changed and _text_keys(slimmed) == set()
+    assert slim_results([slimmed]) == []  # idempotent
+    before = build_report([full], baselines=baselines_dir())
+    after = build_report([slimmed], baselines=baselines_dir())
+    assert before is not after
+    for key, frame in before.tables.items():
+        assert not frame.empty or key in ("seed_spread",), key
+        pd.testing.assert_frame_equal(frame, after.tables[key], obj=key)
+    for key, frame in before.tidy.items():
+        pd.testing.assert_frame_equal(_relative_files(frame, full), _relative_files(after.tidy[key], slimmed), obj=key)
+    assert [w.replace(str(full), "") for w in before.warnings] == [w.replace(str(slimmed), "") for w in after.warnings]
+
+
+def test_a_line_cut_short_is_kept_and_the_cli_rejects_a_missing_path(tmp_path):
+    sidecar = tmp_path / "sidecar.jsonl"
+    sidecar.write_text(json.dumps({"doc_id": 0, "result": "x", "agents": []}) + '\n{"doc_id": 1, "resu\n')
+    slim_results([tmp_path])
+    assert sidecar.read_text().splitlines() == ['{"doc_id": 0, "agents": []}', '{"doc_id": 1, "resu']
+    from diffmas_eval.slim import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("directory", SLIM_RESULTS)
+def test_committed_slim_leaderboards_hold_no_benchmark_text(directory):
+    listed = subprocess.run(["git", "ls-files", directory], cwd=REPO, capture_output=True, text=True).stdout.split()
+    files = [REPO / name for name in listed if name.endswith(".jsonl")]
+    if not files:
+        pytest.skip(f"{directory} is not in a git checkout here")
+    offenders = {}
+    for file in files:
+        keys = _text_keys(file.parent) if file.name.startswith(("samples_", "sidecar")) else set()
+        if keys:
+            offenders[str(file.relative_to(REPO))] = sorted(keys)
+    assert not offenders, f"run `python -m diffmas_eval.slim {directory}` on finished pieces: {offenders}"
