@@ -127,13 +127,21 @@ def test_float16_is_batch_invariant_too(name, kwargs, tiny_model_dir, adapters, 
     assert one == many
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [METHOD_CONFIGS[0], METHOD_CONFIGS[4]])
-def test_loglikelihoods_change_with_the_batch_when_the_mode_is_off(name, kwargs, tiny_model_dir, adapters, tmp_path):
-    """The comparison above can fail: with the default kernels the same requests score differently at batch 8."""
-    _, alone = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b1", QUESTIONS, 1, invariant=False)
-    _, together = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "b8", QUESTIONS, 8, invariant=False)
-    assert alone != together
-    assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], abs=0.1)  # rounding, not a bug
+def test_loglikelihoods_change_with_the_batch_when_the_mode_is_off(tiny_model_dir, adapters, tmp_path):
+    """The comparison above can fail: with the default kernels the same requests score differently at batch 8, for
+    at least one method (which one depends on the CPU's kernels: on an AVX2-only CPU, LatentMAS's bf16 scores
+    happened to agree, the single agent's did not)."""
+    changed = []
+    for number, (name, kwargs) in enumerate([METHOD_CONFIGS[0], METHOD_CONFIGS[4]]):
+        _, alone = _fresh_run(
+            name, kwargs, tiny_model_dir, adapters, tmp_path / f"{number}-b1", QUESTIONS, 1, invariant=False
+        )
+        _, together = _fresh_run(
+            name, kwargs, tiny_model_dir, adapters, tmp_path / f"{number}-b8", QUESTIONS, 8, invariant=False
+        )
+        changed.append(alone != together)
+        assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], rel=0.01, abs=0.1)  # rounding, not a bug
+    assert any(changed)
 
 
 def test_the_mode_is_off_by_default_and_recorded_in_results_and_the_run_key(tiny_model_dir, tmp_path):

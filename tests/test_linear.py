@@ -6,11 +6,25 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from diffmas_eval.core import linear
 from diffmas_eval.core.backbone import load_backbone
 from diffmas_eval.core.decode import DecodingConfig, generate
-from diffmas_eval.core.linear import PackedCPULinear, packed_linear_available, use_packed_cpu_linear
+from diffmas_eval.core.linear import (
+    PackedCPULinear,
+    packed_linear_available,
+    use_packed_cpu_linear,
+    uses_packed_cpu_linear,
+)
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN linear ops")
+# oneDNN packs bf16 weights only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT (not on AVX2-only ones, e.g. Zen 3).
+PACKABLE_DTYPES = [
+    pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(not packed_linear_available(dtype), reason=f"this CPU cannot pack {dtype} weights"),
+    )
+    for dtype in (torch.float32, torch.bfloat16)
+]
 
 
 def _packed_linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool = True) -> torch.nn.Linear:
@@ -24,7 +38,7 @@ def _bias(module: torch.nn.Linear, rows: int) -> torch.Tensor:
     return module.bias.detach().expand(rows, -1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKABLE_DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_same_result_as_f_linear_for_any_leading_shape(dtype, bias):
     module = _packed_linear(24, 40, dtype, bias)
@@ -68,8 +82,9 @@ def test_models_switch_on_cpu_only_in_float32_and_bfloat16():
     assert use_packed_cpu_linear(model) == 2 and use_packed_cpu_linear(model) == 0  # switching twice is a no-op
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", PACKABLE_DTYPES)
 def test_backbones_decode_the_same_with_and_without_packed_linears(tiny_model_dir, dtype):
+    dtype = str(dtype).removeprefix("torch.")
     fast = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu")
     stock = load_backbone(str(tiny_model_dir), dtype=dtype, device="cpu", fast_cpu_kernels=False)
     assert any(isinstance(m, PackedCPULinear) for m in fast.model.modules())
@@ -77,3 +92,19 @@ def test_backbones_decode_the_same_with_and_without_packed_linears(tiny_model_di
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     outputs = [generate(b, prompts, None, DecodingConfig(max_new_tokens=12)) for b in (fast, stock)]
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_cpu_that_cannot_pack_a_dtype_runs_the_stock_kernels(tiny_model_dir, monkeypatch, batch_invariant):
+    """On a CPU whose oneDNN refuses bf16 packing (AVX2 only), bf16 models load, decode and say `stock`."""
+    monkeypatch.setattr(linear, "_cpu_packs", lambda dtype: dtype != torch.bfloat16)
+    assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))) == 0
+    assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 1
+    backbone = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", batch_invariant=batch_invariant)
+    assert not uses_packed_cpu_linear(backbone.model)
+    stock = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", fast_cpu_kernels=False)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    outputs = [generate(b, prompts, None, DecodingConfig(max_new_tokens=12)) for b in (backbone, stock)]
+    assert all(row.token_ids for row in outputs[0])
+    if not batch_invariant:  # the same stock linears (the batch-invariant mode's tiles may round differently)
+        assert outputs[0] == outputs[1]

@@ -128,8 +128,8 @@ _STATE = _ModeState()
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """`weight [N, K]` packed for oneDNN (cached on the weight, rebuilt when it is replaced or changed in place), or
-    the weight itself when this PyTorch build has no oneDNN packing."""
-    if not _STATE.packing or not weight.is_contiguous():
+    the weight itself when this PyTorch build or this CPU cannot pack its dtype."""
+    if not _STATE.packing or not weight.is_contiguous() or not packed_linear_available(weight.dtype):
         return weight
     key = (weight.data_ptr(), weight._version, weight.dtype)
     cached = getattr(weight, "_diffmas_invariant_packed", None)

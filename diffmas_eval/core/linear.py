@@ -14,20 +14,38 @@ and dtypes call `F.linear` as before. The packed copy is rebuilt when the weight
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def packed_linear_available() -> bool:
-    """Whether this PyTorch build has the oneDNN pre-packed linear ops."""
+def packed_linear_available(dtype: torch.dtype | None = None) -> bool:
+    """Whether this PyTorch build has the oneDNN pre-packed linear ops and, given `dtype`, whether this CPU can pack
+    weights of that dtype (oneDNN's bf16 packing needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU such as
+    AMD Zen 3 refuses it, and then the stock kernels run)."""
     ops = torch.ops.mkldnn
-    return (
+    built = (
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_linear_pointwise")
         and hasattr(ops, "_reorder_linear_weight")
     )
+    return built and (dtype is None or _cpu_packs(dtype))
+
+
+@functools.cache
+def _cpu_packs(dtype: torch.dtype) -> bool:
+    """One packing of a tiny weight, to learn whether this CPU's oneDNN supports `dtype` (cached per process)."""
+    if dtype not in PACKED_DTYPES:
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 8, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedCPULinear(torch.nn.Linear):
@@ -46,7 +64,7 @@ class PackedCPULinear(torch.nn.Linear):
             or x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
-            or weight.dtype not in PACKED_DTYPES
+            or not packed_linear_available(weight.dtype)
         ):
             return F.linear(x, weight, self.bias)
         key = (weight.data_ptr(), weight._version, weight.dtype)
@@ -60,10 +78,11 @@ class PackedCPULinear(torch.nn.Linear):
 def use_packed_cpu_linear(model: torch.nn.Module) -> int:
     """Turn every plain `nn.Linear` of a CPU model into a `PackedCPULinear`; returns how many were switched.
 
-    Does nothing (returns 0) when the model is not on CPU, not float32/bfloat16, or the PyTorch build lacks oneDNN.
+    Does nothing (returns 0) when the model is not on CPU, not float32/bfloat16, or the PyTorch build or this CPU
+    cannot pack weights of its dtype.
     """
     parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype not in PACKED_DTYPES or not packed_linear_available():
+    if parameter.device.type != "cpu" or not packed_linear_available(parameter.dtype):
         return 0
     switched = 0
     for module in model.modules():
@@ -81,6 +100,8 @@ def uses_packed_cpu_linear(model: torch.nn.Module) -> bool:
 
     if is_batch_invariant(model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        return base._diffmas_pack_weights and on_cpu and packed_linear_available()
+        parameter = next(model.parameters())
+        return (
+            base._diffmas_pack_weights and parameter.device.type == "cpu" and packed_linear_available(parameter.dtype)
+        )
     return any(isinstance(module, PackedCPULinear) for module in model.modules())
