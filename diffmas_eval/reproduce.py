@@ -81,16 +81,41 @@ class Piece:
             command.append("--confirm_run_unsafe_code")
         return command + self.extra
 
-    def finished(self) -> bool:
-        """True when a results file for this piece, at this limit, exists."""
-        for path in glob.glob(str(self.directory / "**" / "results_*.json"), recursive=True):
+    def _results_configs(self) -> list[tuple[Path, dict[str, Any]]]:
+        found = []
+        for path in sorted(glob.glob(str(self.directory / "**" / "results_*.json"), recursive=True)):
             try:
-                config = json.loads(Path(path).read_text())["config"]
+                found.append((Path(path), json.loads(Path(path).read_text())["config"]))
             except (OSError, ValueError, KeyError):
                 continue
-            if config.get("limit") == (float(self.limit) if self.limit is not None else None):
-                return True
-        return False
+        return found
+
+    def finished(self) -> bool:
+        """True when a results file for this piece, at this limit, exists."""
+        limit = float(self.limit) if self.limit is not None else None
+        return any(config.get("limit") == limit for _, config in self._results_configs())
+
+    def conflict(self) -> str | None:
+        """What differs between this piece's settings and a results file already in its directory (another dtype,
+        seed, model or decoding: a config edited after the piece ran), or None. Artefact and side-car paths are not
+        compared (results record them relative to where they were written)."""
+        for path, config in self._results_configs():
+            theirs = {"model": config.get("model"), **(config.get("model_args") or {})}
+            ours = {"model": self.model, **self.model_args}
+            differ = [
+                f"{key}={theirs.get(key)!r} there, {value!r} here"
+                for key, value in ours.items()
+                if key not in (*ARTEFACT_ARGS, "sidecar") and str(theirs.get(key)).lower() != str(value).lower()
+            ]
+            their_gen = config.get("gen_kwargs") or {}
+            differ += [
+                f"gen_kwargs {key}={their_gen.get(key)!r} there, {value!r} here"
+                for key, value in self.gen_kwargs.items()
+                if str(their_gen.get(key)).lower() != str(value).lower()
+            ]
+            if differ:
+                return f"{path} was made with other settings ({'; '.join(differ)})"
+        return None
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -218,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         only=args.only.split(",") if args.only else None,
         tasks=args.tasks.split(",") if args.tasks else None,
     )
+    conflicts = [c for c in (piece.conflict() for piece in pieces) if c]
+    if conflicts:  # before anything runs: a piece directory is one configuration's, never two mixed
+        print("error: " + "\n       ".join(conflicts), file=sys.stderr)
+        print("Give these runs their own --out (or move the old pieces away), then rerun.", file=sys.stderr)
+        return 2
     failed = []
     for number, piece in enumerate(pieces, 1):
         status = "done" if piece.finished() else "todo"

@@ -128,6 +128,11 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     assert sidecars and all("result" not in record for record in sidecars)
     second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0 and second.stdout.count(": done") == 2
+    # The config edited after its pieces ran (another dtype): one clear error before anything runs, nothing written.
+    path.write_text(path.read_text().replace("float32", "bfloat16"))
+    third = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 2 and "dtype='float32' there, 'bfloat16' here" in third.stderr, third.stderr
+    assert sorted((tmp_path / "out").rglob("results_*.json")) == sorted(results)
 
 
 def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
