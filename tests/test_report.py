@@ -186,6 +186,16 @@ def test_paper_numbers_beside_ours_and_apart(report):
     assert not only[only["backbone"] == "Qwen3-14B"].empty
 
 
+def test_paper_numbers_on_other_backbones_are_shown_and_marked(report):
+    other = report.tables["paper_other"]
+    assert not other.empty
+    # never our own backbone (those are in the `paper` table), always the same method, task and metric as our row
+    assert not other["paper backbone (other)"].str.lower().eq(other["backbone"].str.lower()).any()
+    code = _row(other, method="single-agent", task="mas_humaneval_plus")
+    assert {"Qwen3-4B", "Qwen3-14B"} <= set(code["paper backbone (other)"])
+    assert set(code["paper topology"]) == {"any (single agent)"} and set(code["metric"]) == {"pass_plus"}
+
+
 def test_baselines_files_are_complete_and_marked():
     frame = load_baselines(baselines_dir())
     per_file = frame["file"].value_counts()
@@ -295,12 +305,15 @@ def test_cli_writes_every_format(tmp_path):
         "paired.csv",
         "paper.csv",
         "paper_only.csv",
+        "paper_other.csv",
         "seed_spread.csv",
         "scores.csv",
         "domain_bars.png",
         "domain_bars.svg",
         "accuracy_vs_tokens.png",
         "accuracy_vs_tokens.svg",
+        "accuracy_vs_seconds.png",
+        "accuracy_vs_seconds.svg",
     ):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
@@ -309,7 +322,7 @@ def test_cli_writes_every_format(tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex and r"\end{document}" in tex
     parser = _TagBalance()
     parser.feed((out / "report.html").read_text())
-    assert parser.stack == [] and parser.tables >= 6 and parser.images == 2
+    assert parser.stack == [] and parser.tables >= 6 and parser.images == 3
     assert pd.read_csv(out / "leaderboard.csv")["method"].tolist()[:2] == ["single-agent", "latent-mas"]
     ET.parse(out / "domain_bars.svg")  # well-formed SVG
 
@@ -319,7 +332,7 @@ def test_plots_are_real_images(tmp_path):
 
     rep = build_report([GOOD], baselines=None)
     write_report(rep, tmp_path)
-    for name in ("domain_bars.png", "accuracy_vs_tokens.png"):
+    for name in ("domain_bars.png", "accuracy_vs_tokens.png", "accuracy_vs_seconds.png"):
         pixels = mpimg.imread(tmp_path / name)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300
         rgb = pixels[..., :3]

@@ -91,27 +91,53 @@ def _cost_axis(ax: plt.Axes, values: pd.Series) -> None:
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
-        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True, steps=[1, 2, 5, 10]))
-        margin = max(5.0, 0.1 * (high - low))
+        # Integer ticks for counts of tokens, fractional ones for a second or less; a margin relative to the costs.
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=high >= 10, steps=[1, 2, 5, 10]))
+        margin = max(0.1 * (high - low), 0.05 * high, 1e-3)
         ax.set_xlim(max(0.0, low - margin), high + margin)
     ax.xaxis.set_major_formatter(plain)
     ax.tick_params(axis="x", which="both", labelsize="small")
 
 
-def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path) -> list[Path]:
-    """One panel per task: accuracy (±1 stderr) vs generated tokens per problem (log x), one marker per row."""
+# The cost axes of the accuracy-against-cost figures: (cost column, axis label, file stem).
+COST_AXES = (
+    ("generated_tokens", "generated tokens / problem", "accuracy_vs_tokens"),
+    ("seconds", "seconds / problem", "accuracy_vs_seconds"),
+)
+
+
+def plot_accuracy_vs_cost(scores: pd.DataFrame, cost: pd.DataFrame, out: Path) -> list[Path]:
+    """`plot_accuracy_vs_tokens` for every cost axis of `COST_AXES` (tokens and seconds per problem)."""
+    return [
+        path
+        for column, label, stem in COST_AXES
+        for path in plot_accuracy_vs_tokens(scores, cost, out, column=column, xlabel=label, stem=stem)
+    ]
+
+
+def plot_accuracy_vs_tokens(
+    scores: pd.DataFrame,
+    cost: pd.DataFrame,
+    out: Path,
+    *,
+    column: str = "generated_tokens",
+    xlabel: str = "generated tokens / problem",
+    stem: str = "accuracy_vs_tokens",
+) -> list[Path]:
+    """One panel per task: accuracy (±1 stderr) vs a cost per problem (`column` of the cost frame; log x when it
+    spans more than a decade), one marker per row; writes `<stem>.png/.svg`."""
     merged = pd.DataFrame()
     if not scores.empty and not cost.empty:
         head = scores[scores["headline"]][["row", "label", "task", "value", "stderr"]]
-        merged = head.merge(cost[["row", "task", "generated_tokens"]], on=["row", "task"])
-        merged = merged[merged["generated_tokens"] > 0]
+        merged = head.merge(cost[["row", "task", column]].rename(columns={column: "cost"}), on=["row", "task"])
+        merged = merged[merged["cost"] > 0]
     tasks = sorted(set(merged["task"]), key=task_sort_key) if not merged.empty else []
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
     if not tasks:
-        _empty(axes[0][0], "no run has both accuracy and per-task token counts")
-        return _save(fig, out, "accuracy_vs_tokens")
+        _empty(axes[0][0], f"no run has both accuracy and per-task {xlabel}")
+        return _save(fig, out, stem)
     markers = "osD^v<>ph*"
     labels = list(dict.fromkeys(merged["label"]))
     for ax, task in zip(axes.flat, tasks, strict=False):
@@ -121,17 +147,17 @@ def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path)
             if point.empty:
                 continue
             ax.errorbar(
-                point["generated_tokens"],
+                point["cost"],
                 100 * point["value"],
                 yerr=100 * point["stderr"].fillna(0),
                 fmt=markers[i % len(markers)],
                 capsize=3,
                 label=label,
             )
-        _cost_axis(ax, part["generated_tokens"])
+        _cost_axis(ax, part["cost"])
         ax.set_ylim(-3, 103)  # accuracy on its whole range, so a 0-vs-0 comparison does not fill the panel
         ax.set_title(task)
-        ax.set_xlabel("generated tokens / problem")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")
     for ax in list(axes.flat)[len(tasks) :]:
         ax.set_axis_off()
@@ -143,4 +169,4 @@ def plot_accuracy_vs_tokens(scores: pd.DataFrame, cost: pd.DataFrame, out: Path)
                 names.append(n)
     fig.legend(handles, names, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    return _save(fig, out, "accuracy_vs_tokens")
+    return _save(fig, out, stem)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from diffmas_eval.reporting.baselines import BASELINE_COLUMNS, load_baselines
 from diffmas_eval.reporting.load import WarningLog, load_runs
-from diffmas_eval.reporting.plots import plot_accuracy_vs_tokens, plot_domain_bars
+from diffmas_eval.reporting.plots import plot_accuracy_vs_cost, plot_domain_bars
 from diffmas_eval.reporting.tables import (
     LIMIT_MARK,
     build_rows,
@@ -20,6 +20,7 @@ from diffmas_eval.reporting.tables import (
     cost_table,
     leaderboard,
     paired_table,
+    paper_other_backbones,
     paper_tables,
     scores_frame,
     seed_spread_table,
@@ -61,6 +62,12 @@ SECTIONS = (
         "source); paper topology `unspecified` means the source does not say.",
     ),
     (
+        "paper_other",
+        "The papers' numbers on other backbones",
+        "Same method, task and metric as a row of ours, on a backbone we did not run (marked in its own column): "
+        "how far our backbone is from the published ones, not a like-for-like comparison.",
+    ),
+    (
         "paper_only",
         "Paper numbers without a matching run of ours",
         "Published numbers (baselines/) for backbones or settings we have not run: not comparable rows, shown apart.",
@@ -94,6 +101,7 @@ def build_report(result_dirs: Iterable[Path | str], *, all_runs: bool = False, b
         "seed_spread": seed_spread_table(rows),
         "paired": paired_table(rows, log),
         "paper": side,
+        "paper_other": paper_other_backbones(rows, paper),
         "paper_only": only,
     }
     return Report(tables=tables, tidy={"scores": scores, "cost_numbers": cost}, warnings=log.messages)
@@ -205,7 +213,7 @@ def write_report(report: Report, out: Path) -> list[Path]:
         _flat(frame).to_csv(path, index=False)
         files.append(path)
     figures = plot_domain_bars(report.tidy["scores"], out)
-    figures += plot_accuracy_vs_tokens(report.tidy["scores"], report.tidy["cost_numbers"], out)
+    figures += plot_accuracy_vs_cost(report.tidy["scores"], report.tidy["cost_numbers"], out)
     for name, text in (
         ("report.md", to_markdown(report)),
         ("report.tex", to_latex(report)),

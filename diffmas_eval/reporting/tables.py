@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from diffmas_eval.reporting.baselines import matching_baselines, normalize_backbone
+from diffmas_eval.reporting.baselines import UNSPECIFIED, matching_baselines, normalize_backbone
 from diffmas_eval.reporting.load import Run, TaskResult, WarningLog, default_communication, method_order
 from diffmas_eval.reporting.stats import paired_compare
 from diffmas_eval.reporting.taxonomy import (
@@ -687,3 +687,41 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
     only = only[[t for t in sorted(only.columns, key=task_sort_key)]].reset_index()
     only.columns.name = None
     return side, only
+
+
+def paper_other_backbones(rows: list[Row], baselines: pd.DataFrame) -> pd.DataFrame:
+    """The papers' numbers for the same method, task and metric as each of our method rows, on backbones other than
+    ours: context for a reader (how far our small backbone is from the published ones), not a comparison."""
+    records = []
+    for row in rows:
+        if row.kind != "method" or baselines.empty:
+            continue
+        for task, (run, result) in sorted(row.entries.items(), key=lambda kv: task_sort_key(kv[0])):
+            metric = result.headline
+            others = baselines[
+                (baselines["method"] == row.method)
+                & (baselines["task"] == task)
+                & (baselines["metric"] == metric)
+                & (baselines["backbone"] != UNSPECIFIED)
+                & (baselines["backbone"].map(normalize_backbone) != normalize_backbone(row.backbone))
+            ]
+            if row.method == "single-agent":  # one number printed in several tables: show it once
+                others = others.drop_duplicates(subset=["backbone", "value", "source"]).assign(
+                    topology="any (single agent)"
+                )
+            head = result.metrics[metric]
+            for _, rec in others.iterrows():
+                records.append(
+                    {
+                        **row.labels(),
+                        "task": task,
+                        "metric": metric,
+                        "ours": format_score(head.value, head.stderr, result.n, _limited(run, result)),
+                        "paper backbone (other)": rec["backbone"],
+                        "paper": _paper_value(rec),
+                        "paper topology": rec["topology"],
+                        "paper table": f"{rec['source']}, {rec['table']}",
+                    }
+                )
+    columns = [*ROW_COLUMNS, "task", "metric", "ours", "paper backbone (other)", "paper", "paper topology"]
+    return pd.DataFrame(records, columns=[*columns, "paper table"])
