@@ -140,7 +140,9 @@ def test_loglikelihoods_change_with_the_batch_when_the_mode_is_off(tiny_model_di
             name, kwargs, tiny_model_dir, adapters, tmp_path / f"{number}-b8", QUESTIONS, 8, invariant=False
         )
         changed.append(alone != together)
-        assert [s for s, _ in alone] == pytest.approx([s for s, _ in together], rel=0.01, abs=0.1)  # rounding, not a bug
+        assert [s for s, _ in alone] == pytest.approx(
+            [s for s, _ in together], rel=0.01, abs=0.1
+        )  # rounding, not a bug
     assert any(changed)
 
 

@@ -17,7 +17,7 @@ from diffmas_eval.core.linear import (
 )
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN linear ops")
-# oneDNN packs bf16 weights only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT (not on AVX2-only ones, e.g. Zen 3).
+# oneDNN packs bf16 weights natively only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere through float32.
 PACKABLE_DTYPES = [
     pytest.param(
         dtype,
@@ -95,11 +95,31 @@ def test_backbones_decode_the_same_with_and_without_packed_linears(tiny_model_di
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])
-def test_a_cpu_that_cannot_pack_a_dtype_runs_the_stock_kernels(tiny_model_dir, monkeypatch, batch_invariant):
-    """On a CPU whose oneDNN refuses bf16 packing (AVX2 only), bf16 models load, decode and say `stock`."""
-    monkeypatch.setattr(linear, "_cpu_packs", lambda dtype: dtype != torch.bfloat16)
+def test_bf16_packs_through_float32_on_a_cpu_that_cannot_pack_bf16(tiny_model_dir, monkeypatch, batch_invariant):
+    """An AVX2-only CPU (no oneDNN bf16 packing): bf16 linears multiply a packed float32 copy of the weight, which is
+    a bf16 kernel's arithmetic (exact bf16 products, float32 sums) with the output rounded to bf16."""
+    monkeypatch.setattr(linear, "_cpu_packs", lambda dtype: dtype == torch.float32)
+    assert linear.packed_compute_dtype(torch.bfloat16) == torch.float32
+    module = _packed_linear(64, 48, torch.bfloat16)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ours = module(x)
+    assert ours.dtype == torch.bfloat16 and module._packed is not None
+    exact = F.linear(x.float(), module.weight.float(), module.bias.float())  # bf16 products are exact in float32
+    torch.testing.assert_close(ours.float(), exact.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    assert (ours.float() - exact).abs().max() <= (exact.abs().max() * 2**-8)  # within one bf16 rounding
+    backbone = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", batch_invariant=batch_invariant)
+    assert uses_packed_cpu_linear(backbone.model)
+    (row,) = generate(backbone, [[5, 6, 7, 8, 9]], None, DecodingConfig(max_new_tokens=12))
+    assert row.token_ids
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_cpu_that_packs_nothing_runs_the_stock_kernels(tiny_model_dir, monkeypatch, batch_invariant):
+    monkeypatch.setattr(linear, "_cpu_packs", lambda dtype: False)
+    assert not packed_linear_available(torch.bfloat16) and not packed_linear_available(torch.float32)
     assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))) == 0
-    assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 1
+    assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
     backbone = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", batch_invariant=batch_invariant)
     assert not uses_packed_cpu_linear(backbone.model)
     stock = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", fast_cpu_kernels=False)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = REPO / "tests" / "fixtures" / "results" / "good"
 TEXT_SAMPLE_KEYS = ("doc", "target", "arguments", "resps", "filtered_resps")
 # The committed leaderboards whose pieces are slimmed (their configs say `slim: true`).
-SLIM_RESULTS = ("results/qwen-cpu", "results/qwen-cpu-bf16")
+SLIM_RESULTS = ("results/qwen-cpu",)
 
 
 def _text_keys(directory: Path) -> set[str]:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffmas_eval.core.linear import packed_linear_available
+from diffmas_eval.core.linear import pack_linear_weight, packed_linear, packed_linear_available
 
 # Rows standing alone are multiplied in tiles of this many rows: a batch of up to 8 decode steps is one call.
 ROW_TILE = 8
@@ -128,13 +128,13 @@ _STATE = _ModeState()
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """`weight [N, K]` packed for oneDNN (cached on the weight, rebuilt when it is replaced or changed in place), or
-    the weight itself when this PyTorch build or this CPU cannot pack its dtype."""
+    the weight itself when this PyTorch build or this CPU cannot pack its dtype (`core/linear.py`)."""
     if not _STATE.packing or not weight.is_contiguous() or not packed_linear_available(weight.dtype):
         return weight
     key = (weight.data_ptr(), weight._version, weight.dtype)
     cached = getattr(weight, "_diffmas_invariant_packed", None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        cached = (key, pack_linear_weight(weight))
         weight._diffmas_invariant_packed = cached
     return cached[1]
 
@@ -143,7 +143,7 @@ def _multiply_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """`rows [M, K] @ weight[N, K]^T + bias` in one kernel call (oneDNN with a packed weight when available)."""
     packed = _packed_weight(weight)
     if packed is not weight:
-        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+        return packed_linear(rows, packed, bias)
     out = rows.new_empty(rows.shape[0], weight.shape[0])
     if bias is None:
         return torch.mm(rows, weight.t(), out=out)  # the `.out` overload keeps the stock kernel

@@ -23,16 +23,29 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packed_linear_available(dtype: torch.dtype | None = None) -> bool:
-    """Whether this PyTorch build has the oneDNN pre-packed linear ops and, given `dtype`, whether this CPU can pack
-    weights of that dtype (oneDNN's bf16 packing needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU such as
-    AMD Zen 3 refuses it, and then the stock kernels run)."""
+    """Whether this PyTorch build has the oneDNN pre-packed linear ops and, given `dtype`, whether this CPU can run
+    them for weights of that dtype (natively, or bf16 through float32: see `packed_compute_dtype`)."""
     ops = torch.ops.mkldnn
     built = (
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_linear_pointwise")
         and hasattr(ops, "_reorder_linear_weight")
     )
-    return built and (dtype is None or _cpu_packs(dtype))
+    return built and (dtype is None or packed_compute_dtype(dtype) is not None)
+
+
+def packed_compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the packed kernels multiply `dtype` weights in: `dtype` itself where this CPU's oneDNN packs it;
+    float32 for bf16 on a CPU that cannot (oneDNN's bf16 packing needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT, so an
+    AVX2-only CPU such as AMD Zen 3 refuses it, and its stock bf16 matrix products run about 4x slower than float32).
+    The float32 route is the same arithmetic as a bf16 kernel (the product of two bf16 numbers is exact in float32,
+    and bf16 kernels accumulate in float32) up to summation order, with the output rounded to bf16; it holds a
+    float32 copy of the weights. None: nothing packs this dtype."""
+    if _cpu_packs(dtype):
+        return dtype
+    if dtype == torch.bfloat16 and _cpu_packs(torch.float32):
+        return torch.float32
+    return None
 
 
 @functools.cache
@@ -46,6 +59,22 @@ def _cpu_packs(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [N, K]` in oneDNN's packed layout, in `packed_compute_dtype(weight.dtype)` (callers check that it is
+    not None)."""
+    compute = packed_compute_dtype(weight.dtype)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(compute), None)
+
+
+def packed_linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`rows [M, K] @ weight^T + bias` with a weight from `pack_linear_weight`; the result in `rows`' dtype."""
+    if rows.dtype == packed.dtype:
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    bias = None if bias is None else bias.to(packed.dtype)
+    out = torch.ops.mkldnn._linear_pointwise(rows.to(packed.dtype), packed, bias, "none", [], "")
+    return out.to(rows.dtype)
 
 
 class PackedCPULinear(torch.nn.Linear):
@@ -69,9 +98,8 @@ class PackedCPULinear(torch.nn.Linear):
             return F.linear(x, weight, self.bias)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(rows, self._packed[1], self.bias, "none", [], "")
+            self._packed = (key, pack_linear_weight(weight))
+        out = packed_linear(x.reshape(-1, x.shape[-1]), self._packed[1], self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
