@@ -1,13 +1,14 @@
 """Results without benchmark text: keep what the report reads, drop questions, prompts and model outputs.
 
-lm-eval's samples files hold every document, prompt and response, and our side-cars hold each request's final text
-(the resume cache). That makes committed results large (megabytes per piece) and copies benchmark text into the repo,
-which some benchmarks' authors ask us not to do. The report needs none of it:
+lm-eval's samples files hold every document, prompt and response (several MB per piece), which copies benchmark text
+into the repo, which some benchmarks' authors ask us not to do; our side-cars hold each agent's messages. The report
+needs none of it:
 - samples (`samples_<task>_<stamp>.jsonl`) keep `doc_id`, `filter`, `metrics`, the three hashes the report checks
   against the results file's `task_hashes`, and each metric's value;
-- side-cars (`sidecar.jsonl`) keep counts, timings and keys; the final `result` and the agents' `text` go.
+- side-cars (`sidecar.jsonl`) keep counts, timings, keys and each request's `result` (the final agent's answer or
+  scores), and lose the upstream agents' `text`. The results are the resume cache: a piece committed at `--limit 200`
+  is extended to the whole task later without recomputing its first 200 documents.
 
-A slimmed side-car can no longer resume its piece (the stored results are gone): slim finished pieces only.
 `diffmas-eval reproduce` slims each piece it finishes when its config says `slim: true`.
 
     python -m diffmas_eval.slim results/qwen-cpu        # rewrite in place (atomically), print what changed
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash")
-SIDECAR_TEXT_KEYS = ("result",)
 AGENT_TEXT_KEYS = ("text",)
 
 
@@ -33,8 +33,8 @@ def slim_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim_sidecar_record(record: dict[str, Any]) -> dict[str, Any]:
-    """One side-car line without the request's output text and the agents' messages."""
-    kept = {key: value for key, value in record.items() if key not in SIDECAR_TEXT_KEYS}
+    """One side-car line without the upstream agents' messages (its `result` stays: it is the resume cache)."""
+    kept = dict(record)
     if isinstance(kept.get("agents"), list):
         kept["agents"] = [
             {k: v for k, v in agent.items() if k not in AGENT_TEXT_KEYS} if isinstance(agent, dict) else agent

@@ -33,7 +33,6 @@ def _text_keys(directory: Path) -> set[str]:
             if file.name.startswith("samples_"):
                 found |= {key for key in TEXT_SAMPLE_KEYS if key in record}
             elif file.name.startswith("sidecar"):
-                found |= {"result"} & set(record)
                 found |= {"agents.text" for agent in record.get("agents") or [] if "text" in agent}
     return found
 
@@ -76,6 +75,7 @@ def test_a_sample_keeps_identity_hashes_and_metric_values_only():
         "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4}],
         "final": {"generated_tokens": 5, "stopped_before_budget": True},
         "wall_seconds": 1.5,
+        "result": "\\boxed{B}",  # the resume cache stays
     }
 
 
@@ -105,7 +105,7 @@ def test_the_report_of_slimmed_results_equals_the_report_of_the_full_ones(tmp_pa
     full, slimmed = tmp_path / "full", tmp_path / "slim"
     _copy_with_sidecar_text(full)
     _copy_with_sidecar_text(slimmed)
-    assert _text_keys(full) >= {"doc", "resps", "result"}  # the fixtures hold text, so the check below can fail
+    assert _text_keys(full) >= {"doc", "resps", "agents.text"}  # the fixtures hold text, so the check can fail
     changed = slim_results([slimmed])
     assert changed and _text_keys(slimmed) == set()
     assert slim_results([slimmed]) == []  # idempotent
@@ -122,9 +122,9 @@ def test_the_report_of_slimmed_results_equals_the_report_of_the_full_ones(tmp_pa
 
 def test_a_line_cut_short_is_kept_and_the_cli_rejects_a_missing_path(tmp_path):
     sidecar = tmp_path / "sidecar.jsonl"
-    sidecar.write_text(json.dumps({"doc_id": 0, "result": "x", "agents": []}) + '\n{"doc_id": 1, "resu\n')
+    sidecar.write_text(json.dumps({"doc_id": 0, "agents": [{"text": "x"}]}) + '\n{"doc_id": 1, "resu\n')
     slim_results([tmp_path])
-    assert sidecar.read_text().splitlines() == ['{"doc_id": 0, "agents": []}', '{"doc_id": 1, "resu']
+    assert sidecar.read_text().splitlines() == ['{"doc_id": 0, "agents": [{}]}', '{"doc_id": 1, "resu']
     from diffmas_eval.slim import main
 
     with pytest.raises(SystemExit):
