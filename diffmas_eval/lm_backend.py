@@ -26,7 +26,7 @@ from tqdm import tqdm
 from diffmas_eval import __version__
 from diffmas_eval.core.backbone import resolve_device
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
-from diffmas_eval.core.linear import uses_packed_cpu_linear
+from diffmas_eval.core.linear import cpu_kernels_label
 from diffmas_eval.core.score import score_continuations
 from diffmas_eval.methods import Method, Question
 from diffmas_eval.methods.registry import get_method, methods
@@ -497,7 +497,7 @@ class MultiAgentLM(LM):
         backbone = self.method.backbone
         info = {
             **self.method.settings(),
-            "cpu_kernels": "packed" if uses_packed_cpu_linear(backbone.model) else "stock",
+            "cpu_kernels": cpu_kernels_label(backbone.model),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "max_gen_toks_default": self.max_gen_toks,

@@ -109,7 +109,7 @@ def test_bf16_packs_through_float32_on_a_cpu_that_cannot_pack_bf16(tiny_model_di
     torch.testing.assert_close(ours.float(), exact.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
     assert (ours.float() - exact).abs().max() <= (exact.abs().max() * 2**-8)  # within one bf16 rounding
     backbone = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", batch_invariant=batch_invariant)
-    assert uses_packed_cpu_linear(backbone.model)
+    assert uses_packed_cpu_linear(backbone.model) and linear.cpu_kernels_label(backbone.model) == "packed via float32"
     (row,) = generate(backbone, [[5, 6, 7, 8, 9]], None, DecodingConfig(max_new_tokens=12))
     assert row.token_ids
 
@@ -121,7 +121,7 @@ def test_a_cpu_that_packs_nothing_runs_the_stock_kernels(tiny_model_dir, monkeyp
     assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))) == 0
     assert use_packed_cpu_linear(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
     backbone = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", batch_invariant=batch_invariant)
-    assert not uses_packed_cpu_linear(backbone.model)
+    assert not uses_packed_cpu_linear(backbone.model) and linear.cpu_kernels_label(backbone.model) == "stock"
     stock = load_backbone(str(tiny_model_dir), dtype="bfloat16", device="cpu", fast_cpu_kernels=False)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     outputs = [generate(b, prompts, None, DecodingConfig(max_new_tokens=12)) for b in (backbone, stock)]

@@ -9,7 +9,8 @@ in bf16; fp32 batch 1 and bf16 batch 8 within noise.
 
 Only inference on CPU in float32/bfloat16 takes this path; anything recorded by autograd (training), other devices
 and dtypes call `F.linear` as before. The packed copy is rebuilt when the weight is replaced or modified in place
-(peft merging an adapter), and costs one extra copy of the linear weights in memory.
+(peft merging an adapter), and costs one extra copy of the linear weights in memory (a float32 one, twice the size,
+for bf16 weights on a CPU that cannot pack bf16: `packed_compute_dtype`).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def packed_compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 @functools.cache
 def _cpu_packs(dtype: torch.dtype) -> bool:
-    """One packing of a tiny weight, to learn whether this CPU's oneDNN supports `dtype` (cached per process)."""
-    if dtype not in PACKED_DTYPES:
+    """One packing of a tiny weight, to learn whether this CPU's oneDNN supports `dtype` (cached per process; the
+    batch-invariant mode also packs float16)."""
+    if not dtype.is_floating_point:
         return False
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
@@ -93,6 +95,7 @@ class PackedCPULinear(torch.nn.Linear):
             or x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
+            or weight.dtype not in PACKED_DTYPES
             or not packed_linear_available(weight.dtype)
         ):
             return F.linear(x, weight, self.bias)
@@ -110,7 +113,11 @@ def use_packed_cpu_linear(model: torch.nn.Module) -> int:
     cannot pack weights of its dtype.
     """
     parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or not packed_linear_available(parameter.dtype):
+    if (
+        parameter.device.type != "cpu"
+        or parameter.dtype not in PACKED_DTYPES
+        or not packed_linear_available(parameter.dtype)
+    ):
         return 0
     switched = 0
     for module in model.modules():
@@ -133,3 +140,13 @@ def uses_packed_cpu_linear(model: torch.nn.Module) -> bool:
             base._diffmas_pack_weights and parameter.device.type == "cpu" and packed_linear_available(parameter.dtype)
         )
     return any(isinstance(module, PackedCPULinear) for module in model.modules())
+
+
+def cpu_kernels_label(model: torch.nn.Module) -> str:
+    """What results record as `cpu_kernels`: `packed`, `packed via float32` (bf16 on a CPU that cannot pack bf16) or
+    `stock`."""
+    if not uses_packed_cpu_linear(model):
+        return "stock"
+    dtype = next(model.parameters()).dtype
+    compute = packed_compute_dtype(dtype)
+    return "packed" if compute in (None, dtype) else f"packed via {str(compute).removeprefix('torch.')}"
