@@ -96,26 +96,45 @@ class Piece:
         return any(config.get("limit") == limit for _, config in self._results_configs())
 
     def conflict(self) -> str | None:
-        """What differs between this piece's settings and a results file already in its directory (another dtype,
-        seed, model or decoding: a config edited after the piece ran), or None. Artefact and side-car paths are not
-        compared (results record them relative to where they were written)."""
+        """What differs between this piece's settings and a results file already in its directory (a config edited
+        after the piece ran: another dtype, seed, model arg or decoding, or one added or removed), or None.
+
+        Both sides are compared as lm-eval parses them from the command line (`realign=1` and `True` stay apart,
+        `1e-3` and `0.001` agree); artefact and side-car paths are not compared, and other paths only by their last
+        component (results record them rewritten by `diffmas_eval.portable`)."""
+        ours = {"model": self.model, **_parsed(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
+        our_gen = _parsed(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
         for path, config in self._results_configs():
-            theirs = {"model": config.get("model"), **(config.get("model_args") or {})}
-            ours = {"model": self.model, **self.model_args}
-            differ = [
-                f"{key}={theirs.get(key)!r} there, {value!r} here"
-                for key, value in ours.items()
-                if key not in (*ARTEFACT_ARGS, "sidecar") and str(theirs.get(key)).lower() != str(value).lower()
-            ]
-            their_gen = config.get("gen_kwargs") or {}
-            differ += [
-                f"gen_kwargs {key}={their_gen.get(key)!r} there, {value!r} here"
-                for key, value in self.gen_kwargs.items()
-                if str(their_gen.get(key)).lower() != str(value).lower()
-            ]
+            theirs = {"model": config.get("model"), **_parsed(config.get("model_args"))}
+            differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar"))
+            differ += [f"gen_kwargs {d}" for d in _differences(_parsed(config.get("gen_kwargs")), our_gen)]
             if differ:
                 return f"{path} was made with other settings ({'; '.join(differ)})"
         return None
+
+
+def _parsed(args: Any) -> dict[str, Any]:
+    """Model args or gen_kwargs as lm-eval holds them (a results file may record a dict or a `k=v,...` string)."""
+    if isinstance(args, dict):
+        return dict(args)
+    if isinstance(args, str) and args.strip():
+        from lm_eval.utils import simple_parse_args_string
+
+        return simple_parse_args_string(args)
+    return {}
+
+
+def _differences(theirs: dict[str, Any], ours: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """`key=theirs there, ours here` for every key either side sets differently (a path by its last component)."""
+
+    def comparable(value: Any) -> Any:
+        return Path(value).name if isinstance(value, str) and "/" in value else value
+
+    return [
+        f"{key}={theirs.get(key)!r} there, {ours.get(key)!r} here"
+        for key in sorted(set(theirs) | set(ours), key=str)
+        if key not in skip and comparable(theirs.get(key)) != comparable(ours.get(key))
+    ]
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -129,6 +148,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     if not config.get("runs") or not config.get("tasks"):
         raise ValueError(f"{path}: needs non-empty `runs` and `tasks`")
+    if not isinstance(config.get("slim", False), bool):
+        raise ValueError(f"{path}: `slim` must be true or false, not {config['slim']!r}")
     names = set()
     for run in config["runs"]:
         if set(run) - _RUN_KEYS or "name" not in run or "model" not in run:
@@ -196,7 +217,7 @@ def plan(
                     batch_size=batch_size,
                     limit=piece_limit,
                     directory=out / run["name"] / task,
-                    slim=bool(config.get("slim", False)),
+                    slim=config.get("slim", False),
                 )
             )
     return pieces
@@ -243,11 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         only=args.only.split(",") if args.only else None,
         tasks=args.tasks.split(",") if args.tasks else None,
     )
+    # Before anything runs: a piece directory holds one configuration's results, never two mixed.
     conflicts = [c for c in (piece.conflict() for piece in pieces) if c]
-    if conflicts:  # before anything runs: a piece directory is one configuration's, never two mixed
+    if conflicts:
         print("error: " + "\n       ".join(conflicts), file=sys.stderr)
         print("Give these runs their own --out (or move the old pieces away), then rerun.", file=sys.stderr)
-        return 2
+        if not args.dry_run:
+            return 2
     failed = []
     for number, piece in enumerate(pieces, 1):
         status = "done" if piece.finished() else "todo"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffmas_eval.reproduce import load_config, plan
+from diffmas_eval.reproduce import Piece, load_config, plan
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
@@ -100,6 +100,7 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
         "runs": [
             {"name": "single-agent", "model": "single-agent"},
             {"name": "latent-mas", "model": "latent-mas", "model_args": {"latent_steps": 1}},
+            {"name": "text-mas", "model": "text-mas", "model_args": {"max_new_tokens": 4}},
         ],
         "tasks": {"mas_arc_easy_mc": 2},
         "slim": True,
@@ -115,24 +116,66 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     ]
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count(": todo") == 2
+    assert first.stdout.count(": todo") == 3
     results = list((tmp_path / "out").glob("*/mas_arc_easy_mc/**/results_*.json"))
-    assert len(results) == 2
+    assert len(results) == 3
     methods = {json.loads(r.read_text())["config"]["diffmas"]["method"] for r in results}
-    assert methods == {"single-agent", "latent-mas"}
+    assert methods == {"single-agent", "latent-mas", "text-mas"}
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     # `slim: true`: each finished piece keeps scores and hashes, not the questions or the outputs
     samples = [json.loads(line) for r in results for s in r.parent.glob("samples_*.jsonl") for line in s.open()]
-    assert len(samples) == 2 * 2 and all("doc" not in s and "resps" not in s and "acc" in s for s in samples)
+    assert len(samples) == 3 * 2 and all("doc" not in s and "resps" not in s and "acc" in s for s in samples)
     sidecars = [json.loads(line) for p in (tmp_path / "out").rglob("sidecar.jsonl") for line in p.open()]
     assert sidecars and all("result" in record for record in sidecars)  # the resume cache stays
+    text_mas = [r for r in sidecars if r["method"] == "text-mas"]
+    assert text_mas and all(a and "text" not in a for r in text_mas for a in r["agents"])  # TextMAS writes messages
     second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0 and second.stdout.count(": done") == 2
+    assert second.returncode == 0 and second.stdout.count(": done") == 3
     # The config edited after its pieces ran (another dtype): one clear error before anything runs, nothing written.
     path.write_text(path.read_text().replace("float32", "bfloat16"))
     third = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
     assert third.returncode == 2 and "dtype='float32' there, 'bfloat16' here" in third.stderr, third.stderr
     assert sorted((tmp_path / "out").rglob("results_*.json")) == sorted(results)
+
+
+def _piece_with_results(tmp_path: Path, recorded: dict, **run) -> Piece:
+    """A planned piece whose directory holds a results file whose config is `recorded` (no model is run)."""
+    config = {"runs": [{"name": "r", "model": "latent-mas", **run}], "tasks": {"mas_gsm8k": 4}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (piece,) = plan(load_config(_write(tmp_path, config)), tmp_path / "out")
+    results = piece.directory / "model" / "results_x.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"config": {"model": "latent-mas", "limit": 4.0, **recorded}}))
+    return piece
+
+
+def test_a_piece_directory_with_results_of_other_settings_is_a_conflict(tmp_path):
+    same = {"model_args": "latent_steps=10,realign=True,pretrained=/elsewhere/models/q,sidecar=s.jsonl"}
+    piece = _piece_with_results(
+        tmp_path,
+        {**same, "gen_kwargs": {"temperature": 0.001}},
+        model_args={"latent_steps": 10, "realign": True, "pretrained": "~/models/q"},
+        gen_kwargs={"temperature": "1e-3"},
+    )
+    assert piece.finished() and piece.conflict() is None  # a string model_args, a moved path, 1e-3 == 0.001
+    removed = _piece_with_results(tmp_path / "a", same, model_args={"realign": True, "pretrained": "q"})
+    assert "latent_steps=10 there, None here" in removed.conflict()  # a key the config no longer sets
+    typed = _piece_with_results(tmp_path / "b", same, model_args={"latent_steps": 10, "realign": 1, "pretrained": "q"})
+    assert typed.conflict() is None  # `realign=1` means what the recorded `True` does
+    other = _piece_with_results(tmp_path / "d", same, model_args={"latent_steps": 20, "realign": 1, "pretrained": "q"})
+    assert "latent_steps=10 there, 20 here" in other.conflict()
+    decoding = _piece_with_results(
+        tmp_path / "c",
+        {**same, "gen_kwargs": "do_sample=True,temperature=0.6"},
+        model_args={"latent_steps": 10, "realign": True, "pretrained": "q"},
+    )
+    assert "gen_kwargs do_sample=True there, None here" in decoding.conflict()
+
+
+def test_slim_must_be_a_boolean(tmp_path):
+    config = {"runs": [{"name": "a", "model": "single-agent"}], "tasks": ["t"], "slim": "false"}
+    with pytest.raises(ValueError, match="`slim` must be true or false"):
+        load_config(_write(tmp_path, config))
 
 
 def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
