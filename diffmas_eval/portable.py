@@ -80,13 +80,18 @@ def make_portable(paths: list[Path], *, root: Path, data_dir: Path | None) -> li
             text = handle.read()
         new = portable(text, file=file.resolve(), root=root.resolve(), data_dir=data_dir)
         if new != text:
-            tmp = file.with_name(f".{file.name}.portable-tmp")
-            with tmp.open("w", encoding="utf-8", newline="") as handle:
-                handle.write(new)
-            tmp.chmod(file.stat().st_mode)  # an executable script stays executable
-            tmp.replace(file)
+            replace_text(file, new)
             changed.append(file)
     return changed
+
+
+def replace_text(file: Path, text: str) -> None:
+    """Rewrite `file` with `text` atomically (a temporary file renamed over it), keeping its mode and line endings."""
+    tmp = file.with_name(f".{file.name}.rewrite-tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:  # newline="": carriage returns stay as they are
+        handle.write(text)
+    tmp.chmod(file.stat().st_mode)  # an executable script stays executable
+    tmp.replace(file)
 
 
 def main(argv: list[str] | None = None) -> int:

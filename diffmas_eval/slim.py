@@ -1,13 +1,15 @@
-"""Results without benchmark text: keep what the report reads, drop questions, prompts and model outputs.
+"""Results without benchmark text: keep what the report reads and the resume cache, drop questions and prompts.
 
 lm-eval's samples files hold every document, prompt and response (several MB per piece), which copies benchmark text
-into the repo, which some benchmarks' authors ask us not to do; our side-cars hold each agent's messages. The report
-needs none of it:
+into the repo (some benchmarks' authors ask us not to); our side-cars hold each agent's messages. The report needs
+none of it:
 - samples (`samples_<task>_<stamp>.jsonl`) keep `doc_id`, `filter`, `metrics`, the three hashes the report checks
   against the results file's `task_hashes`, and each metric's value;
 - side-cars (`sidecar.jsonl`) keep counts, timings, keys and each request's `result` (the final agent's answer or
   scores), and lose the upstream agents' `text`. The results are the resume cache: a piece committed at `--limit 200`
-  is extended to the whole task later without recomputing its first 200 documents.
+  is extended to the whole task later without recomputing its first 200 documents, on a machine with the same CPU
+  kernels (`cpu_kernels` is part of the run key, so elsewhere they are recomputed, never mixed). The final answers
+  are model outputs and can quote a question: GPQA pieces, which write no samples, keep theirs only in the side-car.
 
 `diffmas-eval reproduce` slims each piece it finishes when its config says `slim: true`.
 
@@ -20,6 +22,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from diffmas_eval.portable import replace_text
 
 SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash")
 AGENT_TEXT_KEYS = ("text",)
@@ -57,9 +61,11 @@ def _slim_lines(text: str, slim_one) -> str:
 
 
 def _slimmer(file: Path):
-    if file.name.startswith("samples_") and file.suffix == ".jsonl":
+    if file.suffix != ".jsonl":
+        return None
+    if file.name.startswith("samples_"):
         return slim_sample
-    if file.name == "sidecar.jsonl" or (file.name.startswith("sidecar") and file.suffix == ".jsonl"):
+    if file.name.startswith("sidecar"):  # `sidecar.jsonl`, or one per process under data parallelism
         return slim_sidecar_record
     return None
 
@@ -75,9 +81,7 @@ def slim_results(paths: list[Path]) -> list[Path]:
         text = file.read_text(encoding="utf-8")
         new = _slim_lines(text, slim_one)
         if new != text:
-            tmp = file.with_name(f".{file.name}.slim-tmp")
-            tmp.write_text(new, encoding="utf-8")
-            tmp.replace(file)
+            replace_text(file, new)
             changed.append(file)
     return changed
 
