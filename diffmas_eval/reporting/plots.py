@@ -107,22 +107,14 @@ COST_AXES = (
 
 
 def plot_accuracy_vs_cost(scores: pd.DataFrame, cost: pd.DataFrame, out: Path) -> list[Path]:
-    """`plot_accuracy_vs_tokens` for every cost axis of `COST_AXES` (tokens and seconds per problem)."""
+    """Accuracy against each cost axis of `COST_AXES` (tokens and seconds per problem), one figure per axis."""
     return [
-        path
-        for column, label, stem in COST_AXES
-        for path in plot_accuracy_vs_tokens(scores, cost, out, column=column, xlabel=label, stem=stem)
+        path for column, label, stem in COST_AXES for path in _plot_accuracy_vs(scores, cost, out, column, label, stem)
     ]
 
 
-def plot_accuracy_vs_tokens(
-    scores: pd.DataFrame,
-    cost: pd.DataFrame,
-    out: Path,
-    *,
-    column: str = "generated_tokens",
-    xlabel: str = "generated tokens / problem",
-    stem: str = "accuracy_vs_tokens",
+def _plot_accuracy_vs(
+    scores: pd.DataFrame, cost: pd.DataFrame, out: Path, column: str, xlabel: str, stem: str
 ) -> list[Path]:
     """One panel per task: accuracy (±1 stderr) vs a cost per problem (`column` of the cost frame; log x when it
     spans more than a decade), one marker per row; writes `<stem>.png/.svg`."""

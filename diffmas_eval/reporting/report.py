@@ -93,7 +93,8 @@ def build_report(result_dirs: Iterable[Path | str], *, all_runs: bool = False, b
     paper = pd.DataFrame(columns=[*BASELINE_COLUMNS, "file"]) if baselines is None else load_baselines(baselines)
     scores = scores_frame(rows)
     cost = cost_frame(rows, log)
-    side, only = paper_tables(rows, cost, paper)
+    other, other_shown = paper_other_backbones(rows, paper)
+    side, only = paper_tables(rows, cost, paper, shown_elsewhere=other_shown)
     tables = {
         "leaderboard": leaderboard(rows),
         "cost": cost_table(cost),
@@ -101,7 +102,7 @@ def build_report(result_dirs: Iterable[Path | str], *, all_runs: bool = False, b
         "seed_spread": seed_spread_table(rows),
         "paired": paired_table(rows, log),
         "paper": side,
-        "paper_other": paper_other_backbones(rows, paper),
+        "paper_other": other,
         "paper_only": only,
     }
     return Report(tables=tables, tidy={"scores": scores, "cost_numbers": cost}, warnings=log.messages)

@@ -608,9 +608,12 @@ def _paper_value(rec: pd.Series, percent: bool = True) -> str:
     return ("≈" if rec["approximate"] else "") + value
 
 
-def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ours beside the paper for matching method/backbone/topology/task, paper numbers we did not match)."""
-    used: set[int] = set()
+def paper_tables(
+    rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame, shown_elsewhere: set[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ours beside the paper for matching method/backbone/topology/task, paper numbers we did not match); baseline
+    rows in `shown_elsewhere` (the other-backbone table's) are left out of the second."""
+    used: set[int] = set(shown_elsewhere or ())
     records = []
     for row_id, row in enumerate(rows):
         if row.kind != "method":
@@ -689,10 +692,11 @@ def paper_tables(rows: list[Row], cost: pd.DataFrame, baselines: pd.DataFrame) -
     return side, only
 
 
-def paper_other_backbones(rows: list[Row], baselines: pd.DataFrame) -> pd.DataFrame:
+def paper_other_backbones(rows: list[Row], baselines: pd.DataFrame) -> tuple[pd.DataFrame, set[int]]:
     """The papers' numbers for the same method, task and metric as each of our method rows, on backbones other than
-    ours: context for a reader (how far our small backbone is from the published ones), not a comparison."""
-    records = []
+    ours: context for a reader (how far our small backbone is from the published ones), not a comparison. Returns
+    the table and the baseline rows it shows."""
+    records, shown = [], set()
     for row in rows:
         if row.kind != "method" or baselines.empty:
             continue
@@ -705,6 +709,7 @@ def paper_other_backbones(rows: list[Row], baselines: pd.DataFrame) -> pd.DataFr
                 & (baselines["backbone"] != UNSPECIFIED)
                 & (baselines["backbone"].map(normalize_backbone) != normalize_backbone(row.backbone))
             ]
+            shown.update(others.index)
             if row.method == "single-agent":  # one number printed in several tables: show it once
                 others = others.drop_duplicates(subset=["backbone", "value", "source"]).assign(
                     topology="any (single agent)"
@@ -724,4 +729,4 @@ def paper_other_backbones(rows: list[Row], baselines: pd.DataFrame) -> pd.DataFr
                     }
                 )
     columns = [*ROW_COLUMNS, "task", "metric", "ours", "paper backbone (other)", "paper", "paper topology"]
-    return pd.DataFrame(records, columns=[*columns, "paper table"])
+    return pd.DataFrame(records, columns=[*columns, "paper table"]), shown
