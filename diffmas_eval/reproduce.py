@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from diffmas_eval.registry import model_names
+from diffmas_eval.settings import parsed_args
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
@@ -102,26 +103,15 @@ class Piece:
         Both sides are compared as lm-eval parses them from the command line (`realign=1` and `True` stay apart,
         `1e-3` and `0.001` agree); artefact and side-car paths are not compared, and other paths only by their last
         component (results record them rewritten by `diffmas_eval.portable`)."""
-        ours = {"model": self.model, **_parsed(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
-        our_gen = _parsed(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
+        ours = {"model": self.model, **parsed_args(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
+        our_gen = parsed_args(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
         for path, config in self._results_configs():
-            theirs = {"model": config.get("model"), **_parsed(config.get("model_args"))}
+            theirs = {"model": config.get("model"), **parsed_args(config.get("model_args"))}
             differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar"))
-            differ += [f"gen_kwargs {d}" for d in _differences(_parsed(config.get("gen_kwargs")), our_gen)]
+            differ += [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
             if differ:
                 return f"{path} was made with other settings ({'; '.join(differ)})"
         return None
-
-
-def _parsed(args: Any) -> dict[str, Any]:
-    """Model args or gen_kwargs as lm-eval holds them (a results file may record a dict or a `k=v,...` string)."""
-    if isinstance(args, dict):
-        return dict(args)
-    if isinstance(args, str) and args.strip():
-        from lm_eval.utils import simple_parse_args_string
-
-        return simple_parse_args_string(args)
-    return {}
 
 
 def _differences(theirs: dict[str, Any], ours: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:

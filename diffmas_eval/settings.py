@@ -110,3 +110,15 @@ def describe(cls: type) -> list[tuple[str, str, Any, str, bool]]:
             (item.name, type_name, field_default(item), item.metadata.get("help", ""), item.metadata.get("identity"))
         )
     return rows
+
+
+def parsed_args(args: Any) -> dict[str, Any]:
+    """Model args or gen_kwargs as lm-eval holds them: a results file may record a dict or a `k=v,...` string, which
+    is parsed (typed) as lm-eval parses its command line."""
+    if isinstance(args, dict):
+        return dict(args)
+    if isinstance(args, str) and args.strip():
+        from lm_eval.utils import simple_parse_args_string
+
+        return simple_parse_args_string(args)
+    return {}

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from diffmas_eval.reporting.taxonomy import OTHER_DOMAIN, headline_metric, secondary_metrics, task_domain
+from diffmas_eval.settings import parsed_args
 
 # Fields of config.diffmas that describe *how* a run was executed, not *what* was run: everything else a method records
 # (`Method.settings()`) is its identity. Totals, side-car path, package version and seed are not part of the
@@ -146,17 +147,6 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _parse_model_args(model_args: Any) -> dict[str, Any]:
-    """lm-eval's `model_args` as a dict (it may be stored as `"pretrained=x,peft=y"` or as a dict)."""
-    if isinstance(model_args, dict):
-        return dict(model_args)
-    if isinstance(model_args, str) and model_args.strip():
-        from lm_eval.utils import simple_parse_args_string
-
-        return simple_parse_args_string(model_args)
-    return {}
-
-
 def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str, dict[str, Any], Any] | None:
     """(source, identity, seed) from a results file's `config`, or None (with a warning) when it cannot be told."""
     decoding = config.get("gen_kwargs") or None
@@ -183,7 +173,7 @@ def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str,
     if not model:
         log.warn(path, "config has neither `diffmas` nor `model`; cannot tell which run this is; file skipped")
         return None
-    args = _parse_model_args(config.get("model_args"))
+    args = parsed_args(config.get("model_args"))
     backbone = args.get("pretrained") or args.get("model") or args.get("path") or str(model)
     identity = {
         "method": str(model),
