@@ -128,3 +128,23 @@ def test_a_cpu_that_packs_nothing_runs_the_stock_kernels(tiny_model_dir, monkeyp
     assert all(row.token_ids for row in outputs[0])
     if not batch_invariant:  # the same stock linears (the batch-invariant mode's tiles may round differently)
         assert outputs[0] == outputs[1]
+
+
+def test_frozen_bf16_weights_train_through_float32_on_a_cpu_that_cannot_pack_bf16(monkeypatch):
+    """LoRA training on an AVX2-only CPU: gradients reach the input through a float32 copy of the frozen weight; a
+    weight that trains keeps the stock path (its gradient is bf16, as before)."""
+    monkeypatch.setattr(linear, "_cpu_packs", lambda dtype: dtype == torch.float32)
+    frozen = _packed_linear(32, 24, torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 32).to(torch.bfloat16).requires_grad_(True)
+    out = frozen(x)
+    out.float().square().sum().backward()
+    assert frozen._widened is not None and frozen._widened[1].dtype == torch.float32 and frozen._packed is None
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and frozen.weight.grad is None
+    reference_x = x.detach().float().requires_grad_(True)
+    reference = F.linear(reference_x, frozen.weight.float(), frozen.bias.float())
+    reference.to(torch.bfloat16).float().square().sum().backward()
+    torch.testing.assert_close(out.float(), reference.to(torch.bfloat16).float())
+    torch.testing.assert_close(x.grad.float(), reference_x.grad.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    trained = _packed_linear(32, 24, torch.bfloat16)
+    trained(x).float().sum().backward()
+    assert trained._widened is None and trained.weight.grad is not None

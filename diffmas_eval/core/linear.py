@@ -8,9 +8,10 @@ from the plain layout on every call. Measured on the default model, 1 thread (`b
 in bf16; fp32 batch 1 and bf16 batch 8 within noise.
 
 Only inference on CPU in float32/bfloat16 takes this path; anything recorded by autograd (training), other devices
-and dtypes call `F.linear` as before. The packed copy is rebuilt when the weight is replaced or modified in place
-(peft merging an adapter), and costs one extra copy of the linear weights in memory (a float32 one, twice the size,
-for bf16 weights on a CPU that cannot pack bf16: `packed_compute_dtype`).
+and dtypes call `F.linear` as before, except frozen bf16 weights on a CPU without bf16 kernels, which train through
+float32 (`PackedCPULinear._widened_forward`). The packed copy is rebuilt when the weight is replaced or modified in
+place (peft merging an adapter), and costs one extra copy of the linear weights in memory (a float32 one, twice the
+size, for bf16 weights on a CPU that cannot pack bf16: `packed_compute_dtype`).
 """
 
 from __future__ import annotations
@@ -87,23 +88,39 @@ class PackedCPULinear(torch.nn.Linear):
     """
 
     _packed: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+    _widened: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            torch.is_grad_enabled()
-            or x.device.type != "cpu"
+            x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
             or weight.dtype not in PACKED_DTYPES
             or not packed_linear_available(weight.dtype)
         ):
             return F.linear(x, weight, self.bias)
+        if torch.is_grad_enabled():
+            if weight.requires_grad or packed_compute_dtype(weight.dtype) == weight.dtype:
+                return F.linear(x, weight, self.bias)
+            return self._widened_forward(x)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, pack_linear_weight(weight))
         out = packed_linear(x.reshape(-1, x.shape[-1]), self._packed[1], self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _widened_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A frozen bf16 weight under autograd (LoRA training) on a CPU without bf16 kernels: the float32 route of
+        `packed_compute_dtype` through `F.linear` (differentiable in `x`; oneDNN's packed op has no backward), with
+        a cached float32 copy of the weight. Gradients reach `x` in float32 and are rounded to bf16, as a bf16
+        kernel's backward rounds them."""
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._widened is None or self._widened[0] != key:
+            self._widened = (key, weight.detach().float())
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self._widened[1], bias).to(x.dtype)
 
 
 def use_packed_cpu_linear(model: torch.nn.Module) -> int:
