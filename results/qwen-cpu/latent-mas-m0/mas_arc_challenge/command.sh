@@ -1,0 +1,1 @@
+diffmas-eval --model latent-mas --model_args dtype=bfloat16,seed=1234,batch_invariant=True,latent_steps=0,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/qwen-cpu/latent-mas-m0/mas_arc_challenge/sidecar.jsonl --tasks mas_arc_challenge --batch_size 8 --output_path results/qwen-cpu/latent-mas-m0/mas_arc_challenge --gen_kwargs max_gen_toks=512 --limit 50 --log_samples
