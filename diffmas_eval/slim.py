@@ -1,15 +1,16 @@
-"""Results without benchmark text: keep what the report reads and the resume cache, drop questions and prompts.
+"""Results without text: keep what the report reads and the scores, drop questions, prompts and model outputs.
 
 lm-eval's samples files hold every document, prompt and response (several MB per piece), which copies benchmark text
-into the repo (some benchmarks' authors ask us not to); our side-cars hold each agent's messages. The report needs
-none of it:
+into the repo (some benchmarks' authors ask us not to, GPQA's above all); our side-cars hold each agent's messages and
+the final agent's text. The report needs none of it:
 - samples (`samples_<task>_<stamp>.jsonl`) keep `doc_id`, `filter`, `metrics`, the three hashes the report checks
   against the results file's `task_hashes`, and each metric's value;
-- side-cars (`sidecar.jsonl`) keep counts, timings, keys and each request's `result` (the final agent's answer or
-  scores), and lose the upstream agents' `text`. The results are the resume cache: a piece committed at `--limit 200`
-  is extended to the whole task later without recomputing its first 200 documents, on a machine with the same CPU
-  kernels (`cpu_kernels` is part of the run key, so elsewhere they are recomputed, never mixed). The final answers
-  are model outputs and can quote a question: GPQA pieces, which write no samples, keep theirs only in the side-car.
+- side-cars (`sidecar.jsonl`) keep counts, timings and keys, and lose the upstream agents' `text` and the `result` of
+  every generation (model text: outputs quote and paraphrase questions, and a committed one matched the wording of a
+  GPQA explanation). Log-likelihood results (numbers) stay: they are the resume cache, so a multiple-choice piece
+  committed at `--limit 200` extends to the whole task later without recomputing its first 200 documents, on a
+  machine with the same CPU kernels (`cpu_kernels` is part of the run key). A generative piece extended later
+  recomputes its documents.
 
 `diffmas-eval reproduce` slims each piece it finishes when its config says `slim: true`.
 
@@ -37,8 +38,11 @@ def slim_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim_sidecar_record(record: dict[str, Any]) -> dict[str, Any]:
-    """One side-car line without the upstream agents' messages (its `result` stays: it is the resume cache)."""
+    """One side-car line without the upstream agents' messages and, for a generation, without its text (the `result`
+    of a log-likelihood request, numbers, stays: it is the resume cache)."""
     kept = dict(record)
+    if kept.get("request_type") == "generate_until":
+        kept.pop("result", None)
     if isinstance(kept.get("agents"), list):
         kept["agents"] = [
             {k: v for k, v in agent.items() if k not in AGENT_TEXT_KEYS} if isinstance(agent, dict) else agent

@@ -34,49 +34,43 @@ def _text_keys(path: Path) -> set[str]:
                 found |= {key for key in TEXT_SAMPLE_KEYS if key in record}
             elif file.name.startswith("sidecar"):
                 found |= {"agents.text" for agent in record.get("agents") or [] if "text" in agent}
+                if record.get("request_type") == "generate_until" and "result" in record:
+                    found.add("generated result")
     return found
 
 
 def test_a_sample_keeps_identity_hashes_and_metric_values_only():
-    sample = {
+    kept = {
         "doc_id": 3,
+        "filter": "none",
+        "metrics": ["exact_match", "extracted"],
+        "doc_hash": "d",
+        "prompt_hash": "p",
+        "target_hash": "t",
+        "exact_match": 1.0,
+        "extracted": 1.0,
+    }
+    text = {
         "doc": {"question": "Which gas do plants take in?"},
         "target": "B",
         "arguments": {"gen_args_0": {"arg_0": "prompt"}},
         "resps": [["\\boxed{B}"]],
         "filtered_resps": ["\\boxed{B}"],
-        "filter": "none",
-        "metrics": ["exact_match", "extracted"],
-        "doc_hash": "d",
-        "prompt_hash": "p",
-        "target_hash": "t",
-        "exact_match": 1.0,
-        "extracted": 1.0,
     }
-    assert slim_sample(sample) == {
-        "doc_id": 3,
-        "filter": "none",
-        "metrics": ["exact_match", "extracted"],
-        "doc_hash": "d",
-        "prompt_hash": "p",
-        "target_hash": "t",
-        "exact_match": 1.0,
-        "extracted": 1.0,
-    }
-    record = {
-        "doc_id": 3,
-        "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4, "text": "a plan"}],
-        "final": {"generated_tokens": 5, "stopped_before_budget": True},
-        "wall_seconds": 1.5,
-        "result": "\\boxed{B}",
-    }
-    assert slim_sidecar_record(record) == {
+    assert slim_sample({**kept, **text}) == kept
+    counts = {
         "doc_id": 3,
         "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4}],
         "final": {"generated_tokens": 5, "stopped_before_budget": True},
         "wall_seconds": 1.5,
-        "result": "\\boxed{B}",  # the resume cache stays
     }
+    written = {**counts, "agents": [{**counts["agents"][0], "text": "a plan"}], "result": "\\boxed{B}"}
+    assert slim_sidecar_record({**written, "request_type": "generate_until"}) == {
+        **counts,
+        "request_type": "generate_until",
+    }
+    scores = {**written, "request_type": "loglikelihood", "result": [[-1.5, False], [-0.2, True]]}
+    assert slim_sidecar_record(scores) == {**counts, "request_type": "loglikelihood", "result": scores["result"]}
 
 
 def _copy_with_sidecar_text(target: Path) -> None:
@@ -105,7 +99,8 @@ def test_the_report_of_slimmed_results_equals_the_report_of_the_full_ones(tmp_pa
     full, slimmed = tmp_path / "full", tmp_path / "slim"
     _copy_with_sidecar_text(full)
     _copy_with_sidecar_text(slimmed)
-    assert _text_keys(full) >= {"doc", "resps", "agents.text"}  # the fixtures hold text, so the check can fail
+    # the fixtures hold text, so the check can fail
+    assert _text_keys(full) >= {"doc", "resps", "agents.text", "generated result"}
     changed = slim_results([slimmed])
     assert changed and _text_keys(slimmed) == set()
     assert slim_results([slimmed]) == []  # idempotent
