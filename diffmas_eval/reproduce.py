@@ -100,8 +100,8 @@ class Piece:
         """What differs between this piece's settings and a results file already in its directory (a config edited
         after the piece ran: another dtype, seed, model arg or decoding, or one added or removed), or None.
 
-        Both sides are compared as lm-eval parses them from the command line (`realign=1` and `True` stay apart,
-        `1e-3` and `0.001` agree); artefact and side-car paths are not compared, and other paths only by their last
+        Both sides are compared as lm-eval parses them from the command line (`realign=1` and `True` agree, as do
+        `1e-3` and `0.001`); artefact and side-car paths are not compared, and other paths only by their last
         component (results record them rewritten by `diffmas_eval.portable`)."""
         ours = {"model": self.model, **parsed_args(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
         our_gen = parsed_args(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
