@@ -32,13 +32,22 @@ last_step() {  # the newest complete checkpoint's step of run $1 (0 without one)
 train() {  # name config
   local name=$1 config=$2 pieces=0
   while [ ! -f "$RUNS/$name/manifest.json" ] && [ "$pieces" -lt "$MAX_PIECES" ]; do
+    local from started
+    from=$(last_step "$name") started=$(date +%s)
     "$PYTHON" -m diffmas_eval.training --config "$config" --output_dir "$RUNS/$name" --resume \
-      --stop_after_steps $(( $(last_step "$name") + PIECE )) --progress false
+      --stop_after_steps $((from + PIECE)) --progress false
+    # Wall time per piece (model loading included), so the README's cost per step comes from this command's output.
+    printf '{"from_step": %d, "to_step": %d, "seconds": %d, "omp_num_threads": "%s", "cpu": "%s"}\n' \
+      "$from" "$(last_step "$name")" $(($(date +%s) - started)) "${OMP_NUM_THREADS:-}" \
+      "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)" >> "$RUNS/$name/pieces.jsonl"
     pieces=$((pieces + 1))
   done
   mkdir -p "$HERE/adapters/$name"
   cp "$RUNS/$name/train_log.jsonl" "$HERE/adapters/$name/"
+  [ -f "$RUNS/$name/pieces.jsonl" ] && cp "$RUNS/$name/pieces.jsonl" "$HERE/adapters/$name/"
   [ -f "$RUNS/$name/manifest.json" ] && cp "$RUNS/$name/manifest.json" "$HERE/adapters/$name/"
+  # The manifest records this machine's output path: keep it relative to the repo (tests refuse absolute paths).
+  (cd "$ROOT" && "$PYTHON" -m diffmas_eval.portable "$HERE/adapters/$name" >/dev/null)
   return 0
 }
 
