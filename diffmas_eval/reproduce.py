@@ -19,12 +19,15 @@ skipped; an interrupted piece resumes from its side-car (`sidecar.jsonl`), so fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +216,26 @@ def plan(
     return pieces
 
 
+@contextlib.contextmanager
+def child_stops_with_this_process() -> Iterator[None]:
+    """While a piece's evaluation runs: SIGTERM and SIGHUP stop it along with this process.
+
+    By default they end Python at once and leave the `diffmas-eval` child running, still appending to the piece's
+    side-car, so a rerun of the piece races it on the same files. Raised as an exception instead, they unwind through
+    `subprocess.run`, which kills and reaps its child before re-raising. The previous handlers come back afterwards.
+    """
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_piece(piece: Piece) -> int:
     """Evaluate one piece in a subprocess; returns its exit code."""
     piece.directory.mkdir(parents=True, exist_ok=True)
@@ -220,7 +243,7 @@ def run_piece(piece: Piece) -> int:
     (piece.directory / "command.sh").write_text(shlex.join(command) + "\n")
     executable = Path(sys.executable).parent / "diffmas-eval"
     argv = [str(executable) if executable.exists() else command[0], *command[1:]]
-    with (piece.directory / "log.txt").open("a") as log:
+    with (piece.directory / "log.txt").open("a") as log, child_stops_with_this_process():
         code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
     from diffmas_eval.paths import data_dir
     from diffmas_eval.portable import make_portable

@@ -225,3 +225,28 @@ def test_every_committed_reproduction_config_is_valid(path):
         assert not stray, f"run {run['name']!r}: model args {sorted(stray)} are not {run['model']}'s"
     runnable = [r["name"] for r in config["runs"] if not set(r.get("model_args") or {}) & set(ARTEFACT_ARGS)]
     assert plan(config, Path("out"), only=runnable)
+
+
+def test_terminating_reproduce_stops_the_piece_it_runs(tmp_path):
+    """A SIGTERM to reproduce (a session ending, `kill`) kills the running piece's evaluation too: an orphaned child
+    would keep appending to the side-car that a rerun of the piece resumes from."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    script = (
+        "import subprocess, sys\n"
+        "from diffmas_eval.reproduce import child_stops_with_this_process\n"
+        "with child_stops_with_this_process():\n"
+        f"    subprocess.run([sys.executable, '-c', {sleeper!r}, {str(pid_file)!r}])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(child, 0)
