@@ -1,0 +1,1 @@
+diffmas-eval --model diffmas --model_args dtype=bfloat16,seed=1234,batch_invariant=True,adapter=runs/qwen/diffmas,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/qwen-cpu/diffmas/mas_arc_challenge/sidecar.jsonl --tasks mas_arc_challenge --batch_size 8 --output_path results/qwen-cpu/diffmas/mas_arc_challenge --gen_kwargs max_gen_toks=512 --limit 200 --log_samples
