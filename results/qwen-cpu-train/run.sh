@@ -36,7 +36,8 @@ train() {  # name config
     from=$(last_step "$name") started=$(date +%s)
     "$PYTHON" -m diffmas_eval.training --config "$config" --output_dir "$RUNS/$name" --resume \
       --stop_after_steps $((from + PIECE)) --progress false
-    # Wall time per piece (model loading included), so the README's cost per step comes from this command's output.
+    # Wall time per piece (model loading included): the training records its own cost (this session's README times
+    # predate it and come from the session's clock).
     printf '{"from_step": %d, "to_step": %d, "seconds": %d, "omp_num_threads": "%s", "cpu": "%s"}\n' \
       "$from" "$(last_step "$name")" $(($(date +%s) - started)) "${OMP_NUM_THREADS:-}" \
       "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)" >> "$RUNS/$name/pieces.jsonl"
