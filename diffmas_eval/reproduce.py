@@ -12,8 +12,9 @@ A config (YAML) names a backbone, defaults, runs (method + model args) and tasks
     tasks: {mas_gsm8k: 40, mas_arc_easy_mc: 200}
 
 Each (run, task) is one piece with its own output directory `OUT/<run>/<task>/`, evaluated by the `diffmas-eval` CLI in
-a subprocess (the exact command is written to `command.sh` there). A piece with a results file for the same limit is
-skipped; an interrupted piece resumes from its side-car (`sidecar.jsonl`), so finished documents are never redone.
+a subprocess (the exact command is written to `command.sh` there). A piece with a results file for the same limit, made
+with the same trained artefacts' weights, is skipped; an interrupted piece resumes from its side-car (`sidecar.jsonl`),
+so finished documents are never redone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from diffmas_eval.artifacts import weights_fingerprint
 from diffmas_eval.registry import model_names
 from diffmas_eval.settings import parsed_args
 
@@ -95,9 +97,23 @@ class Piece:
         return found
 
     def finished(self) -> bool:
-        """True when a results file for this piece, at this limit, exists."""
+        """True when a results file for this piece, at this limit, exists, made with the trained artefacts (adapter,
+        fuser) now at the run's paths: results of an artefact since retrained there do not count."""
         limit = float(self.limit) if self.limit is not None else None
-        return any(config.get("limit") == limit for _, config in self._results_configs())
+        artefacts = self.artefact_fingerprints()
+        return any(
+            config.get("limit") == limit
+            and all((config.get("diffmas") or {}).get(key) == value for key, value in artefacts.items())
+            for _, config in self._results_configs()
+        )
+
+    def artefact_fingerprints(self) -> dict[str, str]:
+        """`<arg>_fingerprint` (as results record it) of each trained artefact this piece loads, from its weights."""
+        return {
+            f"{arg}_fingerprint": weights_fingerprint(self.model_args[arg])
+            for arg in ARTEFACT_ARGS
+            if self.model_args.get(arg)
+        }
 
     def conflict(self) -> str | None:
         """What differs between this piece's settings and a results file already in its directory (a config edited

@@ -467,6 +467,23 @@ def test_a_trained_adapter_row_is_paired_with_the_lora_single_agent_control(tmp_
     assert sorted(versus_lora["task"]) == ["mas_arc_easy", "mas_gsm8k"]
     assert set(versus_lora["method"]) == {"diffmas"} and set(versus_lora["difference (pp)"]) == {"+0.0"}
     assert "single-agent-lora" in versus_lora["versus"].iloc[0]
+    # a retrained control (other weights): the row is compared with each, not only with the first one found
+    shutil.copytree(tmp_path / "lora", tmp_path / "lora-retrained")
+    results = next((tmp_path / "lora-retrained").glob("results_*.json"))
+    data = json.loads(results.read_text())
+    data["config"]["diffmas"].update(adapter="/ckpt/single-agent-lora-2", adapter_fingerprint="0123456789abcdef")
+    results.write_text(json.dumps(data))
+    # and the same control at another seed is not a third control: each control adapter's best-matching row only
+    shutil.copytree(tmp_path / "lora-retrained", tmp_path / "lora-retrained-seed")
+    results = next((tmp_path / "lora-retrained-seed").glob("results_*.json"))
+    data = json.loads(results.read_text())
+    data["config"]["diffmas"]["seed"] = 99
+    results.write_text(json.dumps(data))
+    versus_both = build_report([tmp_path]).tables["paired"].query("vs_method == 'single-agent-lora'")
+    assert len(versus_both) == 4 and versus_both["versus"].nunique() == 2
+    assert not versus_both["versus"].str.contains("seed=99").any()
+    shutil.rmtree(tmp_path / "lora-retrained-seed")
+    shutil.rmtree(tmp_path / "lora-retrained")
     shutil.rmtree(tmp_path / "lora")
     alone = build_report([tmp_path]).tables["paired"]
     assert (alone["vs_method"] != "single-agent-lora").all()

@@ -201,6 +201,28 @@ def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkey
         plan(load_config(path), tmp_path / "out")
 
 
+def test_results_of_an_adapter_since_retrained_at_the_same_path_do_not_finish_the_piece(tmp_path):
+    adapter = tmp_path / "runs" / "d"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"first training")
+    config = {"runs": [{"name": "d", "model": "diffmas", "model_args": {"adapter": str(adapter)}}], "tasks": {"t": 5}}
+    (piece,) = plan(load_config(_write(tmp_path, config)), tmp_path / "out")
+
+    def results(name: str, fingerprint: str) -> None:
+        path = piece.directory / "model" / f"results_{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"config": {"limit": 5.0, "diffmas": {"adapter_fingerprint": fingerprint}}}))
+
+    first = piece.artefact_fingerprints()["adapter_fingerprint"]
+    results("first", first)
+    assert piece.finished()
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")  # same path, other weights
+    second = piece.artefact_fingerprints()["adapter_fingerprint"]
+    assert second != first and not piece.finished()
+    results("second", second)
+    assert piece.finished()
+
+
 @pytest.mark.parametrize(
     "path", sorted([*(REPO / "results").glob("*.yaml"), *(REPO / "baselines" / "repro").glob("*.yaml")]), ids=str
 )

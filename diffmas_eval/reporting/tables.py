@@ -523,10 +523,10 @@ def _has_adapter(row: Row) -> bool:
 
 def lora_control_rows(rows: list[Row], row: Row) -> list[Row]:
     """For a row of a method evaluated with a trained adapter (DiffMAS): the LoRA single-agent controls on the same
-    backbone, the fair baseline trained on the same data and steps; none for other rows."""
+    backbone, the fair baseline trained on the same data and steps, best settings match first; none for other rows."""
     if row.kind != "method" or row.method == "single-agent" or not _has_adapter(row):
         return []
-    return [
+    candidates = [
         r
         for r in rows
         if r.method == "single-agent"
@@ -534,11 +534,17 @@ def lora_control_rows(rows: list[Row], row: Row) -> list[Row]:
         and _has_adapter(r)
         and normalize_backbone(r.backbone) == normalize_backbone(row.backbone)
     ]
+    return sorted(candidates, key=lambda r: _reference_score(r, row), reverse=True)
+
+
+def _control_adapter(row: Row) -> str:
+    return str(row.identity.get("adapter_fingerprint") or row.identity.get("adapter"))
 
 
 def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
-    """Each row vs the single agent and vs LatentMAS (same backbone) on the documents both scored; a row evaluated
-    with a trained adapter also vs each LoRA single-agent control."""
+    """Each row vs the single agent and vs LatentMAS (same backbone, the best-matching settings) on the documents both
+    scored; a row evaluated with a trained adapter also vs each LoRA single-agent control adapter (its best-matching
+    settings): adapters retrained under the same config are separate rows, and no pairing among them is privileged."""
     records = []
     for row in rows:
         for task, (_, result) in sorted(row.entries.items(), key=lambda kv: task_sort_key(kv[0])):
@@ -553,10 +559,13 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                     if ref_method == LORA_CONTROL
                     else reference_rows(rows, row, ref_method)
                 )
+                compared_adapters: set[str] = set()
                 for ref in references:
                     ref_result = ref.entries.get(task, (None, None))[1]
                     if ref_result is None or ref_result.samples is None:
                         continue
+                    if ref_method == LORA_CONTROL and _control_adapter(ref) in compared_adapters:
+                        continue  # this control's best-matching settings are compared already
                     joined = result.samples.merge(ref_result.samples, on=["doc_id", "doc_hash"], suffixes=("", "_ref"))
                     if joined.empty:
                         log.warn(ref.entries[task][0].path, f"task {task}: no document shared with {row.short_label()}")
@@ -580,7 +589,9 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                             else f"{cmp.a_only} / {cmp.b_only}",
                         }
                     )
-                    break
+                    if ref_method != LORA_CONTROL:
+                        break  # the best-matching reference only
+                    compared_adapters.add(_control_adapter(ref))  # and each LoRA control's best-matching row
     return pd.DataFrame(
         records,
         columns=[
