@@ -183,8 +183,10 @@ def plan(
     backbone: str | None = None,
     only: list[str] | None = None,
     tasks: list[str] | None = None,
+    check_artefacts: bool = True,
 ) -> list[Piece]:
-    """Expand a config into pieces (run x task), applying the command-line overrides."""
+    """Expand a config into pieces (run x task), applying the command-line overrides. A run whose trained artefact
+    does not exist is an error, unless `check_artefacts` is off (for reading progress, not for running)."""
     defaults = config.get("defaults") or {}
     task_limits = config["tasks"] if isinstance(config["tasks"], dict) else dict.fromkeys(config["tasks"])
     chosen_backbone = backbone or config.get("backbone")
@@ -199,7 +201,7 @@ def plan(
             artefact = model_args.get(arg)
             if artefact and not Path(artefact).is_absolute():  # relative to the config file, never to the cwd
                 artefact = model_args[arg] = str((Path(config.get("_dir", ".")) / artefact).resolve())
-            if artefact and not Path(artefact).is_dir():
+            if artefact and check_artefacts and not Path(artefact).is_dir():
                 raise FileNotFoundError(
                     f"run {run['name']!r}: {arg} {artefact} does not exist; train it first "
                     "(see the config's comments) or leave the run out with --only"

@@ -1,0 +1,106 @@
+"""How far a `diffmas-eval reproduce` config has got, and what the rest costs at the rates its pieces measured.
+
+For each (run, task) piece of the config: the documents its committed results cover (the largest finished limit), the
+target, the seconds per document the piece measured (its results' `wall_seconds` over its requests), and the
+evaluation hours left at that rate. A piece never run has no rate of its own; it is costed at the same run's mean
+rate over its other pieces of the same request kind (generation or letter scoring), else at the mean of the runs of the
+same method (model) for that kind, else listed as unmeasured. Rates are one process's wall time, as the pieces ran (mostly one core each, beside one other job), on
+whatever machine ran them: a guide for planning sessions, not a benchmark.
+
+    python benchmarks/leaderboard_progress.py results/qwen-cpu.yaml [--out DIR] [--only RUN,...] [--pending]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, load_config, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCORED = "_mc"  # letter-scored (loglikelihood) variants end in this
+
+
+def _measured(piece: Piece) -> tuple[int, float | None]:
+    """(documents covered, seconds per document) from a piece's finished results files: the documents of the largest
+    one made with the trained artefacts now at the run's paths (any, when those are absent), the rate of the largest
+    one whatever its artefacts (a retrained adapter costs the same)."""
+    present = all(Path(piece.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if piece.model_args.get(arg))
+    artefacts = piece.artefact_fingerprints() if present else {}
+    done, rate, largest = 0, None, 0
+    for path in piece.directory.glob("**/results_*.json"):
+        config = json.loads(path.read_text())["config"]
+        recorded = config.get("diffmas") or {}
+        totals = recorded.get("totals") or {}
+        documents = int(totals.get("requests") or config.get("limit") or 0)
+        if all(recorded.get(key) == value for key, value in artefacts.items()):
+            done = max(done, documents)
+        seconds = totals.get("wall_seconds") or json.loads(path.read_text()).get("total_evaluation_time_seconds")
+        if documents > largest and seconds:
+            largest, rate = documents, float(seconds) / documents
+    return done, rate
+
+
+def progress(config_path: Path, out: Path | None = None, only: list[str] | None = None) -> pd.DataFrame:
+    """One row per piece: target and done documents, seconds per document and where that rate comes from, hours left."""
+    config = load_config(config_path)
+    out = out or ROOT / "results" / config["name"]
+    records = []
+    for piece in plan(config, out, only=only, check_artefacts=False):
+        done, rate = _measured(piece)
+        records.append(
+            {
+                "run": piece.run,
+                "model": piece.model,
+                "task": piece.task,
+                "kind": "score" if piece.task.endswith(_SCORED) else "generate",
+                "target": piece.limit,
+                "done": min(done, piece.limit or done),
+                "s/doc": rate,
+                "rate from": "piece" if rate else None,
+            }
+        )
+    frame = pd.DataFrame(records)
+    means = defaultdict(list)
+    for rec in records:
+        if rec["s/doc"]:
+            means["run", rec["run"], rec["kind"]].append(rec["s/doc"])
+            means["model", rec["model"], rec["kind"]].append(rec["s/doc"])
+    for i, rec in frame.iterrows():
+        for level in ("run", "model"):
+            rates = means.get((level, rec[level], rec["kind"]))
+            if pd.isna(frame.at[i, "s/doc"]) and rates:
+                frame.at[i, "s/doc"] = sum(rates) / len(rates)
+                frame.at[i, "rate from"] = f"{level}'s {rec['kind']} mean"
+    frame["hours left"] = (frame["target"] - frame["done"]) * frame["s/doc"] / 3600
+    return frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, help="the pieces' directory (default: results/<config name>)")
+    parser.add_argument("--only", help="comma-separated run names")
+    parser.add_argument("--pending", action="store_true", help="list only pieces with documents left")
+    args = parser.parse_args()
+    frame = progress(args.config, args.out, args.only.split(",") if args.only else None)
+    spent = (frame["done"] * frame["s/doc"]).where(frame["rate from"] == "piece").sum() / 3600
+    shown = frame[frame["done"] < frame["target"]] if args.pending else frame
+    with pd.option_context("display.width", 200, "display.max_rows", None):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    unmeasured = frame[(frame["done"] < frame["target"]) & frame["s/doc"].isna()]
+    left = frame["hours left"].sum()
+    print(f"\nevaluation hours the committed pieces took (their largest results file each): {spent:.1f}")
+    print(f"documents done: {int(frame['done'].sum())} of {int(frame['target'].sum())}")
+    runs = f" ({', '.join(sorted(set(unmeasured['run'])))})" if len(unmeasured) else ""
+    print(f"hours left at the measured rates: {0 if math.isnan(left) else left:.1f}, plus {len(unmeasured)} unmeasured "
+          f"pieces{runs}")
+
+
+if __name__ == "__main__":
+    main()

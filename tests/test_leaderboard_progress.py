@@ -1,0 +1,48 @@
+"""`benchmarks/leaderboard_progress.py`: documents done and hours left per piece, from the pieces' own results."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _results(directory: Path, name: str, limit: int, seconds: float, **recorded) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    totals = {"requests": limit, "wall_seconds": seconds}
+    config = {"limit": float(limit), "diffmas": {**recorded, "totals": totals}}
+    (directory / f"results_{name}.json").write_text(json.dumps({"config": config}))
+
+
+def test_progress_counts_pieces_of_the_current_artefacts_and_costs_the_rest_at_measured_rates(tmp_path):
+    progress = runpy.run_path(str(REPO / "benchmarks" / "leaderboard_progress.py"))["progress"]
+    adapter = tmp_path / "runs" / "d"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")
+    config = {
+        "name": "p",
+        "runs": [
+            {"name": "sa", "model": "single-agent"},
+            {"name": "d", "model": "diffmas", "model_args": {"adapter": str(adapter)}},
+            {"name": "never", "model": "text-mas"},
+        ],
+        "tasks": {"t_a": 10, "t_b": 10, "t_mc": 10},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    _results(out / "sa" / "t_a" / "m", "x", limit=4, seconds=8.0)  # 2 s per document, 6 left
+    _results(out / "d" / "t_a" / "m", "old", limit=10, seconds=30.0, adapter_fingerprint="an earlier adapter")
+    frame = progress(path, out).set_index(["run", "task"])
+
+    assert frame.loc[("sa", "t_a"), "done"] == 4 and frame.loc[("sa", "t_a"), "s/doc"] == 2.0
+    assert abs(frame.loc[("sa", "t_a"), "hours left"] - 6 * 2.0 / 3600) < 1e-12
+    assert frame.loc[("sa", "t_b"), "rate from"] == "run's generate mean"  # the run's rate on its other task
+    # the adapter was retrained since its results: none of its documents count, its rate still does
+    assert frame.loc[("d", "t_a"), "done"] == 0 and frame.loc[("d", "t_a"), "s/doc"] == 3.0
+    assert frame.loc[("never", "t_a"), "s/doc"] != frame.loc[("never", "t_a"), "s/doc"]  # NaN: never measured
+    assert frame.loc[("sa", "t_mc"), "s/doc"] != frame.loc[("sa", "t_mc"), "s/doc"]  # no scoring rate measured
