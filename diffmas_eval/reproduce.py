@@ -257,6 +257,12 @@ def child_stops_with_this_process() -> Iterator[None]:
 def run_piece(piece: Piece) -> int:
     """Evaluate one piece in a subprocess; returns its exit code."""
     piece.directory.mkdir(parents=True, exist_ok=True)
+    from diffmas_eval.portable import replace_text
+    from diffmas_eval.slim import with_full_text
+
+    for sidecar in piece.directory.glob("sidecar*.jsonl"):  # a slimmed piece extended: its generations' text back
+        if (full := with_full_text(sidecar)) is not None and full != sidecar.read_text(encoding="utf-8"):
+            replace_text(sidecar, full)
     command = piece.command()
     (piece.directory / "command.sh").write_text(shlex.join(command) + "\n")
     executable = Path(sys.executable).parent / "diffmas-eval"

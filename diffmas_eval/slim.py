@@ -9,8 +9,10 @@ the final agent's text. The report needs none of it:
   every generation (model text: outputs quote and paraphrase questions, and a committed one matched the wording of a
   GPQA explanation). Log-likelihood results (numbers) stay: they are the resume cache, so a multiple-choice piece
   committed at `--limit 200` extends to the whole task later without recomputing its first 200 documents, on a
-  machine with the same CPU kernels (`cpu_kernels` is part of the run key). A generative piece extended later
-  recomputes its documents.
+  machine with the same CPU kernels (`cpu_kernels` is part of the run key). Generations' text is kept on this machine
+  only, in a git-ignored full copy beside the side-car (`.sidecar.full.jsonl`): `diffmas-eval reproduce` puts it back
+  before it extends a piece, so a generative piece extended on the machine that ran it does not recompute its
+  documents either (elsewhere it does).
 
 `diffmas-eval reproduce` slims each piece it finishes when its config says `slim: true`.
 
@@ -64,6 +66,33 @@ def _slim_lines(text: str, slim_one) -> str:
     return "".join(f"{line}\n" for line in out)
 
 
+def full_copy(sidecar: Path) -> Path:
+    """Where the text slimming drops from a side-car is kept, on this machine only (git-ignored)."""
+    return sidecar.with_name(f".{sidecar.stem}.full.jsonl")
+
+
+def with_full_text(sidecar: Path) -> str | None:
+    """The side-car with the text slimming dropped put back from its full copy: the copy's lines, then the lines
+    appended to the side-car since. None without a copy, or when the side-car's first lines are not the copy's lines
+    slimmed (another side-car, or one edited since)."""
+    copy = full_copy(sidecar)
+    if not copy.is_file() or not sidecar.is_file():
+        return None
+    full = copy.read_text(encoding="utf-8").splitlines()
+    current = sidecar.read_text(encoding="utf-8").splitlines()
+    if len(current) < len(full) or _slim_lines("\n".join(full), slim_sidecar_record).splitlines() != current[
+        : len(full)
+    ]:
+        return None
+    return "".join(f"{line}\n" for line in full + current[len(full) :])
+
+
+def _write_atomically(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.write-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(file)
+
+
 def _slimmer(file: Path):
     if file.suffix != ".jsonl":
         return None
@@ -83,7 +112,10 @@ def slim_results(paths: list[Path]) -> list[Path]:
         if slim_one is None or not file.is_file():
             continue
         text = file.read_text(encoding="utf-8")
-        new = _slim_lines(text, slim_one)
+        full = with_full_text(file) if slim_one is slim_sidecar_record else None
+        new = _slim_lines(full or text, slim_one)
+        if full is not None or (slim_one is slim_sidecar_record and new != text):
+            _write_atomically(full_copy(file), full or text)  # the text dropped, kept here for extending the piece
         if new != text:
             replace_text(file, new)
             changed.append(file)

@@ -201,6 +201,43 @@ def test_relative_adapter_paths_resolve_against_the_config_file(tmp_path, monkey
         plan(load_config(path), tmp_path / "out")
 
 
+def test_a_slimmed_generative_piece_extended_here_reuses_its_generations(tiny_model_dir, tmp_path):
+    """Slimming drops generations' text from the committed side-car but keeps it in a local full copy, so extending
+    the piece from 2 to 3 documents on this machine computes only the third; its texts equal a fresh run's."""
+    config = {
+        "name": "tiny",
+        "backbone": str(tiny_model_dir),
+        "defaults": {"model_args": {"dtype": "float32"}, "batch_size": 2, "gen_kwargs": {"max_gen_toks": 6}},
+        "runs": [{"name": "single-agent", "model": "single-agent"}],
+        "tasks": {"mas_gsm8k": 3},
+        "slim": True,
+    }
+    path = _write(tmp_path, config)
+    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+    def reproduce(out: str, *extra: str) -> dict:
+        command = [str(Path(sys.executable).parent / "diffmas-eval"), "reproduce", str(path), "--out", str(tmp_path / out)]
+        done = subprocess.run([*command, "--no-report", *extra], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        newest = max((tmp_path / out).rglob("results_*.json"), key=lambda r: r.stat().st_mtime_ns)
+        return json.loads(newest.read_text())["config"]["diffmas"]["totals"]
+
+    def texts(out: str) -> dict:
+        piece = tmp_path / out / "single-agent" / "mas_gsm8k"
+        committed = [json.loads(line) for line in (piece / "sidecar.jsonl").open()]
+        assert committed and all("result" not in record for record in committed)  # slimmed
+        kept = [json.loads(line) for line in (piece / ".sidecar.full.jsonl").open()]
+        return {record["doc_id"]: record["result"] for record in kept}
+
+    first = reproduce("extended", "--limit", "2")
+    assert first["requests"] == 2 and first.get("reused_requests", 0) == 0
+    extended = reproduce("extended")
+    assert extended["requests"] == 3 and extended.get("reused_requests") == 2
+    fresh = reproduce("fresh")
+    assert fresh["requests"] == 3 and fresh.get("reused_requests", 0) == 0
+    assert texts("extended") == texts("fresh") and len(texts("fresh")) == 3
+
+
 def test_results_of_an_adapter_since_retrained_at_the_same_path_do_not_finish_the_piece(tmp_path):
     adapter = tmp_path / "runs" / "d"
     adapter.mkdir(parents=True)

@@ -137,3 +137,21 @@ def test_committed_slim_leaderboards_hold_no_benchmark_text(directory):
         pytest.skip(f"{directory} is not in a git checkout here")
     offenders = {str(file.relative_to(REPO)): sorted(keys) for file in files if (keys := _text_keys(file))}
     assert not offenders, f"run `python -m diffmas_eval.slim {directory}` on finished pieces: {offenders}"
+
+
+def test_slimming_keeps_the_generations_text_in_a_local_full_copy_that_refuses_another_sidecar(tmp_path):
+    from diffmas_eval.slim import full_copy, with_full_text
+
+    sidecar = tmp_path / "sidecar.jsonl"
+    written = [{"doc_id": i, "request_type": "generate_until", "result": f"answer {i}"} for i in range(2)]
+    sidecar.write_text("".join(json.dumps(r) + "\n" for r in written))
+    slim_results([tmp_path])
+    assert "answer" not in sidecar.read_text() and "answer 1" in full_copy(sidecar).read_text()
+    with sidecar.open("a") as handle:  # the piece extended: one more document, with its text
+        handle.write(json.dumps({"doc_id": 2, "request_type": "generate_until", "result": "answer 2"}) + "\n")
+    restored = [json.loads(line)["result"] for line in with_full_text(sidecar).splitlines()]
+    assert restored == ["answer 0", "answer 1", "answer 2"]
+    slim_results([tmp_path])  # slimmed again: the copy now holds all three, the side-car none
+    assert "answer" not in sidecar.read_text() and "answer 2" in full_copy(sidecar).read_text()
+    sidecar.write_text(json.dumps({"doc_id": 9, "request_type": "generate_until"}) + "\n" * 3)  # another side-car
+    assert with_full_text(sidecar) is None
