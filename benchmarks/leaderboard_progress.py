@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, load_config, plan
+from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, artefacts_match, load_config, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCORED = "_mc"  # letter-scored (loglikelihood) variants end in this
@@ -35,10 +35,9 @@ def _measured(piece: Piece) -> tuple[int, float | None]:
     done, rate, largest = 0, None, 0
     for path in piece.directory.glob("**/results_*.json"):
         config = json.loads(path.read_text())["config"]
-        recorded = config.get("diffmas") or {}
-        totals = recorded.get("totals") or {}
+        totals = (config.get("diffmas") or {}).get("totals") or {}
         documents = int(totals.get("requests") or config.get("limit") or 0)
-        if all(recorded.get(key) == value for key, value in artefacts.items()):
+        if artefacts_match(config, artefacts):
             done = max(done, documents)
         seconds = totals.get("wall_seconds") or json.loads(path.read_text()).get("total_evaluation_time_seconds")
         if documents > largest and seconds:

@@ -98,13 +98,11 @@ class Piece:
 
     def finished(self) -> bool:
         """True when a results file for this piece, at this limit, exists, made with the trained artefacts (adapter,
-        fuser) now at the run's paths: results of an artefact since retrained there do not count."""
+        fuser) now at the run's paths: results of an artefact since retrained there do not count (`artefacts_match`)."""
         limit = float(self.limit) if self.limit is not None else None
         artefacts = self.artefact_fingerprints()
         return any(
-            config.get("limit") == limit
-            and all((config.get("diffmas") or {}).get(key) == value for key, value in artefacts.items())
-            for _, config in self._results_configs()
+            config.get("limit") == limit and artefacts_match(config, artefacts) for _, config in self._results_configs()
         )
 
     def artefact_fingerprints(self) -> dict[str, str]:
@@ -131,6 +129,13 @@ class Piece:
             if differ:
                 return f"{path} was made with other settings ({'; '.join(differ)})"
         return None
+
+
+def artefacts_match(config: dict[str, Any], fingerprints: dict[str, str]) -> bool:
+    """Whether a results file's `config` was made with artefacts of these fingerprints. A results file that records
+    none (written before results recorded them) cannot be told apart and counts as a match."""
+    recorded = config.get("diffmas") or {}
+    return all(recorded.get(key) in (None, value) for key, value in fingerprints.items())
 
 
 def _differences(theirs: dict[str, Any], ours: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
@@ -267,16 +272,18 @@ def run_piece(piece: Piece) -> int:
     (piece.directory / "command.sh").write_text(shlex.join(command) + "\n")
     executable = Path(sys.executable).parent / "diffmas-eval"
     argv = [str(executable) if executable.exists() else command[0], *command[1:]]
-    with (piece.directory / "log.txt").open("a") as log, child_stops_with_this_process():
-        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
-    from diffmas_eval.paths import data_dir
-    from diffmas_eval.portable import make_portable
+    try:
+        with (piece.directory / "log.txt").open("a") as log, child_stops_with_this_process():
+            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    finally:  # stopped or failed too: no text is left in the files a commit takes
+        from diffmas_eval.paths import data_dir
+        from diffmas_eval.portable import make_portable
 
-    make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
-    if piece.slim and code == 0 and piece.finished():  # an unfinished piece's side-car is its resume cache
-        from diffmas_eval.slim import slim_results
+        make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
+        if piece.slim:  # finished or not: the text it drops stays in the local full copy, the resume cache
+            from diffmas_eval.slim import slim_results
 
-        slim_results([piece.directory])
+            slim_results([piece.directory])
     return code
 
 

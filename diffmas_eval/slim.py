@@ -89,8 +89,11 @@ def with_full_text(sidecar: Path) -> str | None:
 
 def _write_atomically(file: Path, text: str) -> None:
     tmp = file.with_name(f".{file.name}.write-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(file)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no second copy of the text behind
 
 
 def _slimmer(file: Path):

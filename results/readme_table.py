@@ -39,7 +39,7 @@ def paired() -> str:
     for _, r in table.iterrows():
         mark = "**" if r["significant"] else ""
         settings = "" if pd.isna(r["settings"]) else r["settings"]
-        adapter = re.search(r"adapter=(\w+)", r["versus"])  # which LoRA control, when several were trained
+        adapter = re.search(r"adapter=([^,\s]+)", r["versus"])  # which LoRA control, when several were trained
         versus = f"{r['vs_method']} ({adapter.group(1)})" if adapter else r["vs_method"]
         rows.append(
             f"| {r['kind']} {r['method']} | {settings} | {r['task']} | {versus} | {r['ours']} | "

@@ -245,14 +245,18 @@ def test_results_of_an_adapter_since_retrained_at_the_same_path_do_not_finish_th
     config = {"runs": [{"name": "d", "model": "diffmas", "model_args": {"adapter": str(adapter)}}], "tasks": {"t": 5}}
     (piece,) = plan(load_config(_write(tmp_path, config)), tmp_path / "out")
 
-    def results(name: str, fingerprint: str) -> None:
+    def results(name: str, fingerprint: str | None) -> None:
         path = piece.directory / "model" / f"results_{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"config": {"limit": 5.0, "diffmas": {"adapter_fingerprint": fingerprint}}}))
+        recorded = {"adapter_fingerprint": fingerprint} if fingerprint else {}
+        path.write_text(json.dumps({"config": {"limit": 5.0, "diffmas": recorded}}))
 
     first = piece.artefact_fingerprints()["adapter_fingerprint"]
     results("first", first)
     assert piece.finished()
+    results("first", None)  # written before results recorded fingerprints: cannot be told apart, so it counts
+    assert piece.finished()
+    results("first", first)
     (adapter / "adapter_model.safetensors").write_bytes(b"retrained")  # same path, other weights
     second = piece.artefact_fingerprints()["adapter_fingerprint"]
     assert second != first and not piece.finished()
@@ -284,6 +288,20 @@ def test_every_committed_reproduction_config_is_valid(path):
         assert not stray, f"run {run['name']!r}: model args {sorted(stray)} are not {run['model']}'s"
     runnable = [r["name"] for r in config["runs"] if not set(r.get("model_args") or {}) & set(ARTEFACT_ARGS)]
     assert plan(config, Path("out"), only=runnable)
+
+
+def test_a_piece_that_fails_leaves_no_generated_text_in_its_side_car(tmp_path):
+    """A slimmed config's piece is slimmed however its run ends (failed here; stopped takes the same path): the text
+    of generations stays only in the git-ignored full copy, which the next run of the piece puts back."""
+    from diffmas_eval.reproduce import run_piece
+    from diffmas_eval.slim import full_copy
+
+    piece = Piece("r", "mas_gsm8k", "no-such-model", {}, {}, 1, 1, tmp_path / "piece", slim=True)
+    piece.directory.mkdir()
+    sidecar = piece.directory / "sidecar.jsonl"
+    sidecar.write_text(json.dumps({"doc_id": 0, "request_type": "generate_until", "result": "an answer"}) + "\n")
+    assert run_piece(piece) != 0
+    assert "an answer" not in sidecar.read_text() and "an answer" in full_copy(sidecar).read_text()
 
 
 def test_terminating_reproduce_stops_the_piece_it_runs(tmp_path):
