@@ -1,0 +1,138 @@
+"""Which option letters a leaderboard's rows answer, against the gold letters: is a row choosing, or repeating a letter?
+
+A small model trained to answer a multiple-choice question with `\\boxed{X}` can score near the accuracy of always
+giving one letter while looking like a method effect. For each multiple-choice piece of a results directory
+(`OUT/<run>/<task>/`, as `diffmas-eval reproduce` writes them) this prints:
+- per task and document count, the gold letters' distribution and the accuracy of always answering the commonest gold
+  letter (the constant-answer baseline), from the committed samples alone: the gold letter of a document is the option
+  letter (or, for the letter-scored `_mc` tasks, the option index) whose SHA-256 is the sample's `target_hash`;
+- per generative piece whose generations' text is on this machine (an unslimmed side-car, or the git-ignored full copy
+  `.sidecar.full.jsonl` that a slimmed piece keeps where it ran), the letters it answered (extracted as the task scores
+  them), the share of its commonest letter, and how often the extraction agrees with the committed `acc` (a check).
+  A piece made elsewhere has no text here; rerunning it (`diffmas-eval reproduce ... --only RUN --tasks TASK`) makes
+  the full copy.
+
+    python benchmarks/answer_letters.py results/qwen-cpu [--tasks mas_arc_challenge,...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from diffmas_eval.benchmarks.extract import extract_letter
+from diffmas_eval.slim import full_copy
+
+LETTERS = "ABCDE"
+_BY_HASH = {hashlib.sha256(letter.encode()).hexdigest(): letter for letter in LETTERS}
+_BY_HASH.update({hashlib.sha256(str(i).encode()).hexdigest(): letter for i, letter in enumerate(LETTERS)})
+
+
+def _latest(directory: Path, pattern: str) -> Path | None:
+    found = sorted(directory.glob(pattern), key=lambda path: path.name)
+    return found[-1] if found else None
+
+
+def _distribution(letters: list[str]) -> str:
+    counts = Counter(letters)
+    return " ".join(f"{letter}:{100 * counts[letter] / len(letters):.0f}" for letter in sorted(counts))
+
+
+def gold_letters(samples: Path) -> dict[int, str] | None:
+    """doc_id -> gold letter from a samples file's target hashes; None when a target is not an option letter/index."""
+    gold = {}
+    for line in samples.read_text(encoding="utf-8").splitlines():
+        sample = json.loads(line)
+        letter = _BY_HASH.get(sample.get("target_hash", ""))
+        if letter is None:
+            return None
+        gold[int(sample["doc_id"])] = letter
+    return gold
+
+
+def answered_letters(piece: Path, task: str, run_key: str | None) -> dict[int, str | None]:
+    """doc_id -> the letter extracted from the final answer, from the text kept on this machine (empty without it)."""
+    records: dict[int, dict] = {}
+    for sidecar in (full_copy(piece / "sidecar.jsonl"), piece / "sidecar.jsonl"):
+        if not sidecar.is_file():
+            continue
+        for line in sidecar.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
+                continue
+            if record.get("task") != task or "result" not in record or record.get("request_type") != "generate_until":
+                continue
+            if run_key and record.get("run_key") not in (None, run_key):
+                continue
+            records[int(record["doc_id"])] = record
+        if records:
+            break
+    return {doc: extract_letter(str(record["result"]), LETTERS) for doc, record in records.items()}
+
+
+def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per task and n: gold distribution and constant-answer baseline; per piece: accuracy and answered letters)."""
+    baselines, pieces = {}, []
+    for samples in sorted(results.glob("*/*/*/samples_*.jsonl")):
+        piece, run, task = samples.parent.parent, samples.parent.parent.parent.name, samples.parent.parent.name
+        if tasks and task not in tasks or samples != _latest(samples.parent, f"samples_{task}_*.jsonl"):
+            continue
+        gold = gold_letters(samples)
+        if not gold:
+            continue
+        scores = {int(s["doc_id"]): s.get("acc") for s in map(json.loads, samples.read_text().splitlines())}
+        counts = Counter(gold.values())
+        top, top_count = counts.most_common(1)[0]
+        baselines[(task, len(gold))] = {
+            "task": task,
+            "n": len(gold),
+            "gold letters (%)": _distribution(list(gold.values())),
+            "always the commonest letter": f"{top} {100 * top_count / len(gold):.1f}",
+        }
+        result_file = _latest(samples.parent, "results_*.json")
+        run_key = None
+        if result_file is not None:
+            run_key = ((json.loads(result_file.read_text()).get("config") or {}).get("diffmas") or {}).get("run_key")
+        answered = answered_letters(piece, task, run_key) if not task.endswith("_mc") else {}
+        answered = {doc: letter for doc, letter in answered.items() if doc in gold}
+        row = {"run": run, "task": task, "n": len(gold), "acc": 100 * sum(scores.values()) / len(scores)}
+        if answered:
+            letters = [letter or "-" for letter in answered.values()]
+            commonest, commonest_count = Counter(letters).most_common(1)[0]
+            agree = sum(int((answered[doc] == gold[doc]) == bool(scores[doc])) for doc in answered)
+            row.update(
+                {
+                    "texts": len(answered),
+                    "answered letters (%)": _distribution(letters),
+                    "commonest answer (%)": f"{commonest} {100 * commonest_count / len(letters):.1f}",
+                    "agrees with acc": f"{agree}/{len(answered)}",
+                }
+            )
+        pieces.append(row)
+    return pd.DataFrame(list(baselines.values())), pd.DataFrame(pieces).convert_dtypes()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="a reproduce output directory (OUT/<run>/<task>/...)")
+    p.add_argument("--tasks", help="comma-separated task names (default: every multiple-choice task found)")
+    p.add_argument("--out", type=Path, help="also write baselines.csv and pieces.csv here")
+    args = p.parse_args()
+    baselines, pieces = letters_table(args.results, args.tasks.split(",") if args.tasks else None)
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
+        print(baselines.to_string(index=False), "\n")
+        print(pieces.round(1).to_string(index=False))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        baselines.to_csv(args.out / "baselines.csv", index=False)
+        pieces.to_csv(args.out / "pieces.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`benchmarks/answer_letters.py`: gold letters from committed target hashes, answered letters from kept text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _piece(out: Path, run: str, task: str, gold: list[str], answers: list[str] | None, run_key: str = "k") -> None:
+    model_dir = out / run / task / "m"
+    model_dir.mkdir(parents=True)
+    samples = []
+    for doc_id, letter in enumerate(gold):
+        answered = answers[doc_id] if answers else letter
+        samples.append(
+            {
+                "doc_id": doc_id,
+                "target_hash": hashlib.sha256(letter.encode()).hexdigest(),
+                "acc": int(answered == letter),
+            }
+        )
+    (model_dir / f"samples_{task}_2026.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    (model_dir / "results_2026.json").write_text(json.dumps({"config": {"diffmas": {"run_key": run_key}}}))
+    if answers is None:
+        return
+    records = [
+        {"task": task, "doc_id": i, "request_type": "generate_until", "run_key": run_key, "result": f"\\boxed{{{a}}}"}
+        for i, a in enumerate(answers)
+    ]
+    # a line of another run configuration, which must not count
+    records.append({**records[0], "run_key": "other", "result": "\\boxed{D}"})
+    (out / run / task / ".sidecar.full.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_constant_baseline_and_answered_letters(tmp_path):
+    letters_table = runpy.run_path(str(REPO / "benchmarks" / "answer_letters.py"))["letters_table"]
+    gold = ["A", "B", "C", "C"]
+    _piece(tmp_path, "repeats", "mas_arc_challenge", gold, ["C", "C", "C", "C"])
+    _piece(tmp_path, "chooses", "mas_arc_challenge", gold, ["A", "B", "D", "C"])
+    _piece(tmp_path, "elsewhere", "mas_arc_challenge", gold, None)  # slimmed on another machine: no text here
+    numbers = tmp_path / "n" / "mas_gsm8k" / "m"
+    numbers.mkdir(parents=True)  # not multiple choice: skipped
+    target = hashlib.sha256(b"42").hexdigest()
+    (numbers / "samples_mas_gsm8k_2026.jsonl").write_text(json.dumps({"doc_id": 0, "target_hash": target, "acc": 1}))
+
+    baselines, pieces = letters_table(tmp_path)
+
+    assert baselines.to_dict("records") == [
+        {
+            "task": "mas_arc_challenge",
+            "n": 4,
+            "gold letters (%)": "A:25 B:25 C:50",
+            "always the commonest letter": "C 50.0",
+        }
+    ]
+    rows = pieces.set_index("run")
+    assert set(rows.index) == {"repeats", "chooses", "elsewhere"}
+    assert rows.loc["repeats", "acc"] == 50.0 and rows.loc["chooses", "acc"] == 75.0
+    assert rows.loc["repeats", "commonest answer (%)"] == "C 100.0"
+    assert rows.loc["chooses", "answered letters (%)"] == "A:25 B:25 C:25 D:25"
+    assert rows.loc["repeats", "agrees with acc"] == "4/4" and rows.loc["chooses", "agrees with acc"] == "4/4"
+    assert rows.loc["repeats", "texts"] == 4
+    assert pieces.set_index("run").isna().loc["elsewhere", "texts"]
