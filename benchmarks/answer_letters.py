@@ -8,7 +8,9 @@ giving one letter while looking like a method effect. For each multiple-choice p
   letter (or, for the letter-scored `_mc` tasks, the option index) whose SHA-256 is the sample's `target_hash`;
 - per generative piece whose generations' text is on this machine (an unslimmed side-car, or the git-ignored full copy
   `.sidecar.full.jsonl` that a slimmed piece keeps where it ran), the letters it answered (extracted as the task scores
-  them), the share of its commonest letter, and how often the extraction agrees with the committed `acc` (a check).
+  them), the share of its commonest letter, the accuracy a guesser blind to the question would expect answering
+  letters at the row's own rates (the sum over letters of answered share times gold share), and how often the
+  extraction agrees with the committed `acc` (a check).
   A piece made elsewhere has no text here; rerunning it (`diffmas-eval reproduce ... --only RUN --tasks TASK`) makes
   the full copy.
 
@@ -106,11 +108,14 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
             letters = [letter or "-" for letter in answered.values()]
             commonest, commonest_count = Counter(letters).most_common(1)[0]
             agree = sum(int((answered[doc] == gold[doc]) == bool(scores[doc])) for doc in answered)
+            answered_counts, gold_counts = Counter(letters), Counter(gold[doc] for doc in answered)
+            guess = sum(answered_counts[x] * gold_counts[x] for x in LETTERS) / len(letters) ** 2
             row.update(
                 {
                     "texts": len(answered),
                     "answered letters (%)": _distribution(letters),
                     "commonest answer (%)": f"{commonest} {100 * commonest_count / len(letters):.1f}",
+                    "blind guess at these rates": round(100 * guess, 1),
                     "agrees with acc": f"{agree}/{len(answered)}",
                 }
             )

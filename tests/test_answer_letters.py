@@ -64,4 +64,6 @@ def test_constant_baseline_and_answered_letters(tmp_path):
     assert rows.loc["chooses", "answered letters (%)"] == "A:25 B:25 C:25 D:25"
     assert rows.loc["repeats", "agrees with acc"] == "4/4" and rows.loc["chooses", "agrees with acc"] == "4/4"
     assert rows.loc["repeats", "texts"] == 4
+    assert rows.loc["repeats", "blind guess at these rates"] == 50.0  # all C, half the golds are C
+    assert rows.loc["chooses", "blind guess at these rates"] == 25.0  # (25*25 + 25*25 + 25*50 + 25*0) / 100
     assert pieces.set_index("run").isna().loc["elsewhere", "texts"]
