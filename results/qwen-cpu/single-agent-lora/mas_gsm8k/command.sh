@@ -1,0 +1,1 @@
+diffmas-eval --model single-agent --model_args dtype=bfloat16,seed=1234,batch_invariant=True,adapter=runs/qwen/single-agent-lora,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/qwen-cpu/single-agent-lora/mas_gsm8k/sidecar.jsonl --tasks mas_gsm8k --batch_size 8 --output_path results/qwen-cpu/single-agent-lora/mas_gsm8k --gen_kwargs max_gen_toks=512 --limit 48 --log_samples
