@@ -6,13 +6,14 @@ giving one letter while looking like a method effect. For each multiple-choice p
 - per task and document count, the gold letters' distribution and the accuracy of always answering the commonest gold
   letter (the constant-answer baseline), from the committed samples alone: the gold letter of a document is the option
   letter (or, for the letter-scored `_mc` tasks, the option index) whose SHA-256 is the sample's `target_hash`;
-- per generative piece whose generations' text is on this machine (an unslimmed side-car, or the git-ignored full copy
-  `.sidecar.full.jsonl` that a slimmed piece keeps where it ran), the letters it answered (extracted as the task scores
-  them), the share of its commonest letter, the accuracy a guesser blind to the question would expect answering
-  letters at the row's own rates (the sum over letters of answered share times gold share), and how often the
-  extraction agrees with the committed `acc` (a check).
-  A piece made elsewhere has no text here; rerunning it (`diffmas-eval reproduce ... --only RUN --tasks TASK`) makes
-  the full copy.
+- per generative piece, the letters it answered, the share of its commonest letter, the accuracy a guesser blind to
+  the question would expect answering letters at the row's own rates (the sum over letters of answered share times
+  gold share), and how often the letters agree with the committed `acc` (a check). The letters come from the
+  committed samples' `answer` (slimming keeps it, `diffmas_eval.slim`), else from the generations' text where it is
+  on this machine (an unslimmed side-car, or the git-ignored full copy `.sidecar.full.jsonl` that a slimmed piece
+  keeps where it ran), extracted as the task scores them; the `answers from` column says which. A piece slimmed
+  before samples kept `answer` and made elsewhere has neither; rerunning it (`diffmas-eval reproduce ... --only RUN
+  --tasks TASK`) makes the full copy.
 
     python benchmarks/answer_letters.py results/qwen-cpu [--tasks mas_arc_challenge,...] [--out DIR]
 """
@@ -20,7 +21,6 @@ giving one letter while looking like a method effect. For each multiple-choice p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -28,11 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from diffmas_eval.benchmarks.extract import extract_letter
-from diffmas_eval.slim import full_copy
-
-LETTERS = "ABCDE"
-_BY_HASH = {hashlib.sha256(letter.encode()).hexdigest(): letter for letter in LETTERS}
-_BY_HASH.update({hashlib.sha256(str(i).encode()).hexdigest(): letter for i, letter in enumerate(LETTERS)})
+from diffmas_eval.slim import BACKFILL_LETTERS as LETTERS
+from diffmas_eval.slim import full_copy, gold_letter
 
 
 def _latest(directory: Path, pattern: str) -> Path | None:
@@ -50,7 +47,7 @@ def gold_letters(samples: Path) -> dict[int, str] | None:
     gold = {}
     for line in samples.read_text(encoding="utf-8").splitlines():
         sample = json.loads(line)
-        letter = _BY_HASH.get(sample.get("target_hash", ""))
+        letter = gold_letter(sample.get("target_hash", ""))
         if letter is None:
             return None
         gold[int(sample["doc_id"])] = letter
@@ -88,7 +85,8 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
         gold = gold_letters(samples)
         if not gold:
             continue
-        scores = {int(s["doc_id"]): s.get("acc") for s in map(json.loads, samples.read_text().splitlines())}
+        lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+        scores = {int(s["doc_id"]): s.get("acc") for s in lines}
         counts = Counter(gold.values())
         top, top_count = counts.most_common(1)[0]
         baselines[(task, len(gold))] = {
@@ -101,8 +99,13 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
         run_key = None
         if result_file is not None:
             run_key = ((json.loads(result_file.read_text()).get("config") or {}).get("diffmas") or {}).get("run_key")
-        answered = answered_letters(piece, task, run_key) if not task.endswith("_mc") else {}
-        answered = {doc: letter for doc, letter in answered.items() if doc in gold}
+        source, answered = "", {}
+        if not task.endswith("_mc") and all("answer" in s for s in lines):
+            source, answered = "samples", {int(s["doc_id"]): s["answer"] for s in lines}
+        elif not task.endswith("_mc"):
+            answered = answered_letters(piece, task, run_key)
+            answered = {doc: letter for doc, letter in answered.items() if doc in gold}
+            source = "text here" if answered else ""
         row = {"run": run, "task": task, "n": len(gold), "acc": 100 * sum(scores.values()) / len(scores)}
         if answered:
             letters = [letter or "-" for letter in answered.values()]
@@ -112,7 +115,8 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
             guess = sum(answered_counts[x] * gold_counts[x] for x in LETTERS) / len(letters) ** 2
             row.update(
                 {
-                    "texts": len(answered),
+                    "answers from": source,
+                    "answers": len(answered),
                     "answered letters (%)": _distribution(letters),
                     "commonest answer (%)": f"{commonest} {100 * commonest_count / len(letters):.1f}",
                     "blind guess at these rates": round(100 * guess, 1),

@@ -63,7 +63,31 @@ def test_constant_baseline_and_answered_letters(tmp_path):
     assert rows.loc["repeats", "commonest answer (%)"] == "C 100.0"
     assert rows.loc["chooses", "answered letters (%)"] == "A:25 B:25 C:25 D:25"
     assert rows.loc["repeats", "agrees with acc"] == "4/4" and rows.loc["chooses", "agrees with acc"] == "4/4"
-    assert rows.loc["repeats", "texts"] == 4
+    assert rows.loc["repeats", "answers"] == 4 and rows.loc["repeats", "answers from"] == "text here"
     assert rows.loc["repeats", "blind guess at these rates"] == 50.0  # all C, half the golds are C
     assert rows.loc["chooses", "blind guess at these rates"] == 25.0  # (25*25 + 25*25 + 25*50 + 25*0) / 100
-    assert pieces.set_index("run").isna().loc["elsewhere", "texts"]
+    assert pieces.set_index("run").isna().loc["elsewhere", "answers"]
+
+
+def test_letters_kept_in_the_samples_give_the_table_the_text_gives(tmp_path):
+    """A piece slimmed before samples kept `answer`, given them back from its full copy, reads the same from its
+    samples alone (the text removed) as from the text: two independent paths to the letters."""
+    from diffmas_eval.slim import answers_from_full_copies
+
+    letters_table = runpy.run_path(str(REPO / "benchmarks" / "answer_letters.py"))["letters_table"]
+    gold = ["A", "B", "C", "C", "D"]
+    for name, answers in (("repeats", ["C"] * 5), ("chooses", ["A", "D", "C", "B", "D"])):
+        _piece(tmp_path / "text", name, "mas_openbookqa", gold, answers)
+        _piece(tmp_path / "samples", name, "mas_openbookqa", gold, answers)
+    _, from_text = letters_table(tmp_path / "text")
+
+    outcomes = answers_from_full_copies([tmp_path / "samples"])
+    assert sorted(outcomes.values()) == ["answers added", "answers added"]
+    for copy in (tmp_path / "samples").rglob(".sidecar.full.jsonl"):
+        copy.unlink()  # no text left: the letters can only come from the samples
+    _, from_samples = letters_table(tmp_path / "samples")
+
+    assert set(from_text["answers from"]) == {"text here"} and set(from_samples["answers from"]) == {"samples"}
+    columns = [c for c in from_text.columns if c != "answers from"]
+    assert from_text[columns].equals(from_samples[columns])
+    assert answers_from_full_copies([tmp_path / "samples"]) == {file: "has its answers already" for file in outcomes}

@@ -216,7 +216,13 @@ def test_a_slimmed_generative_piece_extended_here_reuses_its_generations(tiny_mo
     env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
     def reproduce(out: str, *extra: str) -> dict:
-        command = [str(Path(sys.executable).parent / "diffmas-eval"), "reproduce", str(path), "--out", str(tmp_path / out)]
+        command = [
+            str(Path(sys.executable).parent / "diffmas-eval"),
+            "reproduce",
+            str(path),
+            "--out",
+            str(tmp_path / out),
+        ]
         done = subprocess.run([*command, "--no-report", *extra], capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
         newest = max((tmp_path / out).rglob("results_*.json"), key=lambda r: r.stat().st_mtime_ns)
@@ -327,3 +333,28 @@ def test_terminating_reproduce_stops_the_piece_it_runs(tmp_path):
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
         os.kill(child, 0)
+
+
+def test_a_slimmed_generative_multiple_choice_piece_keeps_the_letters_its_text_gives(tiny_model_dir, tmp_path):
+    """Slimmed samples of a generative multiple-choice task keep `answer`, the letter the task extracted from the
+    reply; it equals the letter extracted here from the reply's text kept in the local full copy."""
+    from diffmas_eval.benchmarks.extract import extract_letter
+
+    config = {
+        "name": "tiny",
+        "backbone": str(tiny_model_dir),
+        "defaults": {"model_args": {"dtype": "float32"}, "batch_size": 2, "gen_kwargs": {"max_gen_toks": 8}},
+        "runs": [{"name": "single-agent", "model": "single-agent"}],
+        "tasks": {"mas_arc_easy": 2},
+        "slim": True,
+    }
+    path = _write(tmp_path, config)
+    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [str(Path(sys.executable).parent / "diffmas-eval"), "reproduce", str(path), "--out", str(tmp_path / "o")]
+    done = subprocess.run([*command, "--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    piece = tmp_path / "o" / "single-agent" / "mas_arc_easy"
+    samples = [json.loads(line) for file in piece.rglob("samples_*.jsonl") for line in file.open()]
+    texts = {r["doc_id"]: r["result"] for r in map(json.loads, (piece / ".sidecar.full.jsonl").open())}
+    assert len(samples) == 2 and all("doc" not in s and "filtered_resps" not in s for s in samples)
+    assert {s["doc_id"]: s["answer"] for s in samples} == {doc: extract_letter(text) for doc, text in texts.items()}

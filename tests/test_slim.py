@@ -58,6 +58,11 @@ def test_a_sample_keeps_identity_hashes_and_metric_values_only():
         "filtered_resps": ["\\boxed{B}"],
     }
     assert slim_sample({**kept, **text}) == kept
+    # generative multiple choice (the doc lists its letters): the letter answered stays, and slimming again keeps it
+    lettered = {**kept, **text, "doc": {**text["doc"], "letters": "ABCD"}, "filtered_resps": ["So \\boxed{c}."]}
+    assert slim_sample(lettered) == {**kept, "answer": "C"}
+    assert slim_sample(slim_sample(lettered)) == {**kept, "answer": "C"}
+    assert slim_sample({**lettered, "filtered_resps": ["I cannot tell."]}) == {**kept, "answer": None}
     counts = {
         "doc_id": 3,
         "agents": [{"role": "planner", "prompt_tokens": 9, "generated_tokens": 4}],
@@ -155,3 +160,55 @@ def test_slimming_keeps_the_generations_text_in_a_local_full_copy_that_refuses_a
     assert "answer" not in sidecar.read_text() and "answer 2" in full_copy(sidecar).read_text()
     sidecar.write_text(json.dumps({"doc_id": 9, "request_type": "generate_until"}) + "\n" * 3)  # another side-car
     assert with_full_text(sidecar) is None
+
+
+def test_answers_come_back_from_a_full_copy_only_when_they_agree_with_the_scores(tmp_path):
+    import hashlib
+
+    from diffmas_eval.slim import answers_from_full_copies, full_copy
+
+    gold = ["A", "B", "C"]
+
+    def piece(name: str, replies: list[str], acc: list[int], run_key: str = "k") -> Path:
+        model_dir = tmp_path / name / "mas_arc_challenge" / "m"
+        model_dir.mkdir(parents=True)
+        samples = [
+            {"doc_id": i, "target_hash": hashlib.sha256(g.encode()).hexdigest(), "acc": a}
+            for i, (g, a) in enumerate(zip(gold, acc, strict=True))
+        ]
+        file = model_dir / "samples_mas_arc_challenge_2026-01-01T00-00-00.jsonl"
+        file.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (model_dir / "results_2026-01-01T00-00-00.json").write_text(
+            json.dumps({"config": {"diffmas": {"run_key": "k"}}})
+        )
+        records = [
+            {
+                "task": "mas_arc_challenge",
+                "doc_id": i,
+                "request_type": "generate_until",
+                "run_key": run_key,
+                "result": r,
+            }
+            for i, r in enumerate(replies)
+        ]
+        full_copy(tmp_path / name / "mas_arc_challenge" / "sidecar.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+        return file
+
+    good = piece("good", ["\\boxed{A}", "The answer is D", "no idea"], [1, 0, 0])
+    wrong = piece("disagrees", ["\\boxed{A}", "\\boxed{B}", "\\boxed{C}"], [1, 0, 0])  # B scored 0: not this text
+    short = piece("short", ["\\boxed{A}", "\\boxed{D}"], [1, 0, 0])
+    other = piece("other-run", ["\\boxed{A}", "\\boxed{D}", "\\boxed{D}"], [1, 0, 0], run_key="another")
+    before = {file: file.read_text() for file in (wrong, short, other)}
+
+    outcomes = answers_from_full_copies([tmp_path])
+
+    assert outcomes == {
+        good: "answers added",
+        wrong: "the text's letters disagree with acc on 2 documents",
+        short: "no text on this machine for 1 of 3 documents",
+        other: "no text on this machine for 3 of 3 documents",
+    }
+    assert [json.loads(line)["answer"] for line in good.read_text().splitlines()] == ["A", "D", None]
+    assert all(file.read_text() == text for file, text in before.items())  # left alone
