@@ -24,6 +24,13 @@ def _write(tmp_path: Path, config: dict) -> Path:
     return path
 
 
+def _reproduce(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`diffmas-eval reproduce CONFIG --out OUT ...` in a subprocess, offline, on the fixture data."""
+    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [str(Path(sys.executable).parent / "diffmas-eval"), "reproduce", str(config), "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_plan_expands_runs_and_tasks_with_overrides(tmp_path):
     config = {
         "name": "x",
@@ -106,15 +113,7 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
         "slim": True,
     }
     path = _write(tmp_path, config)
-    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [
-        str(Path(sys.executable).parent / "diffmas-eval"),
-        "reproduce",
-        str(path),
-        "--out",
-        str(tmp_path / "out"),
-    ]
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    first = _reproduce(path, tmp_path / "out")
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count(": todo") == 3
     results = list((tmp_path / "out").glob("*/mas_arc_easy_mc/**/results_*.json"))
@@ -129,11 +128,11 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     assert sidecars and all("result" in record for record in sidecars)  # the resume cache stays
     text_mas = [r for r in sidecars if r["method"] == "text-mas"]
     assert text_mas and all(a and "text" not in a for r in text_mas for a in r["agents"])  # TextMAS writes messages
-    second = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    second = _reproduce(path, tmp_path / "out", "--no-report")
     assert second.returncode == 0 and second.stdout.count(": done") == 3
     # The config edited after its pieces ran (another dtype): one clear error before anything runs, nothing written.
     path.write_text(path.read_text().replace("float32", "bfloat16"))
-    third = subprocess.run(command + ["--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    third = _reproduce(path, tmp_path / "out", "--no-report")
     assert third.returncode == 2 and "dtype='float32' there, 'bfloat16' here" in third.stderr, third.stderr
     assert sorted((tmp_path / "out").rglob("results_*.json")) == sorted(results)
 
@@ -213,17 +212,9 @@ def test_a_slimmed_generative_piece_extended_here_reuses_its_generations(tiny_mo
         "slim": True,
     }
     path = _write(tmp_path, config)
-    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
     def reproduce(out: str, *extra: str) -> dict:
-        command = [
-            str(Path(sys.executable).parent / "diffmas-eval"),
-            "reproduce",
-            str(path),
-            "--out",
-            str(tmp_path / out),
-        ]
-        done = subprocess.run([*command, "--no-report", *extra], capture_output=True, text=True, env=env, timeout=600)
+        done = _reproduce(path, tmp_path / out, "--no-report", *extra)
         assert done.returncode == 0, done.stdout + done.stderr
         newest = max((tmp_path / out).rglob("results_*.json"), key=lambda r: r.stat().st_mtime_ns)
         return json.loads(newest.read_text())["config"]["diffmas"]["totals"]
@@ -348,10 +339,7 @@ def test_a_slimmed_generative_multiple_choice_piece_keeps_the_letters_its_text_g
         "tasks": {"mas_arc_easy": 2},
         "slim": True,
     }
-    path = _write(tmp_path, config)
-    env = {**os.environ, "DIFFMAS_DATA_DIR": str(FIXTURE_DATA), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [str(Path(sys.executable).parent / "diffmas-eval"), "reproduce", str(path), "--out", str(tmp_path / "o")]
-    done = subprocess.run([*command, "--no-report"], capture_output=True, text=True, env=env, timeout=600)
+    done = _reproduce(_write(tmp_path, config), tmp_path / "o", "--no-report")
     assert done.returncode == 0, done.stdout + done.stderr
     piece = tmp_path / "o" / "single-agent" / "mas_arc_easy"
     samples = [json.loads(line) for file in piece.rglob("samples_*.jsonl") for line in file.open()]
