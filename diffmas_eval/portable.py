@@ -10,6 +10,9 @@ adapters, warnings in logs). Before results are kept, every absolute path is rew
 - below a Python environment's `site-packages`: `<site-packages>/...`;
 - below the home directory: `~/...`.
 Anything else absolute is reported, so a test (`tests/test_portable_results.py`) can refuse it.
+A piece that `diffmas-eval reproduce` is running (its directory holds a `.running` marker naming a live process) is
+left alone: its evaluation still writes its log through the open file that a rewrite would replace (the rest of the
+log would go to a deleted file); `reproduce` rewrites the piece itself when it ends.
 
     python -m diffmas_eval.portable results/            # rewrite in place (atomically), print what changed
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~$<>)}+-])(/(?:[\w.+@-]+/)+[\w.+@-]*)")
 # Embedded data (images in the HTML report) is not text with paths: it is left alone and not scanned.
 EMBEDDED_DATA = re.compile(r"(base64,[A-Za-z0-9+/=]+)")
+RUNNING = ".running"
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".tex", ".html", ".log", ".sh", ".py")
 
 
@@ -69,12 +73,31 @@ def absolute_paths(text: str) -> list[str]:
     return [path for i, part in enumerate(parts) if not i % 2 for path in ABSOLUTE_PATH.findall(part)]
 
 
+def running_marker(directory: Path) -> Path:
+    """The file `diffmas-eval reproduce` keeps in a piece's directory while it evaluates it (the process id)."""
+    return directory / RUNNING
+
+
+def running(file: Path) -> bool:
+    """Whether `file` lies in a piece being evaluated now: a `.running` marker in its directory or the one above it
+    (samples sit one level below the piece) names a live process. A marker left by a killed run counts for nothing."""
+    for directory in (file.parent, file.parent.parent):
+        marker = running_marker(directory)
+        try:
+            os.kill(int(marker.read_text(encoding="utf-8").strip()), 0)
+        except (OSError, ValueError):  # no marker, an unreadable one, or its process is gone
+            continue
+        return True
+    return False
+
+
 def make_portable(paths: list[Path], *, root: Path, data_dir: Path | None) -> list[Path]:
-    """Rewrite every text file below `paths` in place (each atomically); returns the files that changed."""
+    """Rewrite every text file below `paths` in place (each atomically), except in pieces being evaluated now;
+    returns the files that changed."""
     changed = []
     files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("*")))]
     for file in files:
-        if not file.is_file() or file.suffix not in TEXT_SUFFIXES:
+        if not file.is_file() or file.suffix not in TEXT_SUFFIXES or running(file):
             continue
         with file.open(encoding="utf-8", newline="") as handle:  # newline="": carriage returns stay as they are
             text = handle.read()

@@ -272,12 +272,18 @@ def run_piece(piece: Piece) -> int:
     (piece.directory / "command.sh").write_text(shlex.join(command) + "\n")
     executable = Path(sys.executable).parent / "diffmas-eval"
     argv = [str(executable) if executable.exists() else command[0], *command[1:]]
+    from diffmas_eval.portable import running_marker
+
+    marker = running_marker(piece.directory)  # `portable` and `slim` leave the piece alone while it runs
+    marker.write_text(f"{os.getpid()}\n")
     try:
         with (piece.directory / "log.txt").open("a") as log, child_stops_with_this_process():
             code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
     finally:  # stopped or failed too: no text is left in the files a commit takes
         from diffmas_eval.paths import data_dir
         from diffmas_eval.portable import make_portable
+
+        marker.unlink(missing_ok=True)
 
         make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
         if piece.slim:  # finished or not: the text it drops stays in the local full copy, the resume cache

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmas_eval.benchmarks.extract import extract_letter
-from diffmas_eval.portable import replace_text
+from diffmas_eval.portable import replace_text, running
 
 SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash", "answer")
 AGENT_TEXT_KEYS = ("text",)
@@ -138,7 +138,7 @@ def slim_results(paths: list[Path]) -> list[Path]:
     files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("*.jsonl")))]
     for file in files:
         slim_one = _slimmer(file)
-        if slim_one is None or not file.is_file():
+        if slim_one is None or not file.is_file() or running(file):  # a running piece: slimmed when it ends
             continue
         text = file.read_text(encoding="utf-8")
         full = with_full_text(file) if slim_one is slim_sidecar_record else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,30 @@ def test_rewriting_keeps_carriage_returns_and_is_idempotent(tmp_path):
     assert make_portable([tmp_path / "out"], root=tmp_path, data_dir=None) == [log]
     assert log.read_bytes() == b"Loading 50%\rLoading 100%\nsidecar.jsonl\n"
     assert make_portable([tmp_path / "out"], root=tmp_path, data_dir=None) == []
+
+
+def test_a_piece_being_evaluated_is_left_alone_until_its_process_ends(tmp_path):
+    """Rewriting a running piece's log would replace the file its evaluation still writes to (the rest of the log
+    would go to a deleted file); a `.running` marker naming a live process keeps `portable` and `slim` off it, and
+    one left by a process that has ended does not."""
+    import sys
+
+    from diffmas_eval.portable import running_marker
+    from diffmas_eval.slim import slim_results
+
+    piece = tmp_path / "out" / "run" / "task"
+    (piece / "model").mkdir(parents=True)
+    log, samples = piece / "log.txt", piece / "model" / "samples_task_2026.jsonl"
+    log.write_text(f"{tmp_path}/out/run/task/sidecar.jsonl\n")
+    samples.write_text(json.dumps({"doc_id": 0, "doc": {"question": "q"}, "acc": 1, "metrics": ["acc"]}) + "\n")
+    before = {file: file.read_text() for file in (log, samples)}
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+
+    running_marker(piece).write_text(f"{os.getpid()}\n")  # this test's process: alive
+    assert make_portable([tmp_path / "out"], root=tmp_path, data_dir=None) == []
+    assert slim_results([tmp_path / "out"]) == []
+    assert {file: file.read_text() for file in before} == before
+
+    running_marker(piece).write_text(ended.stdout)  # a process that has ended: the marker of a killed run
+    assert make_portable([tmp_path / "out"], root=tmp_path, data_dir=None) == [log]
+    assert slim_results([tmp_path / "out"]) == [samples] and "question" not in samples.read_text()

@@ -116,6 +116,7 @@ def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_p
     first = _reproduce(path, tmp_path / "out")
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count(": todo") == 3
+    assert not list((tmp_path / "out").rglob(".running"))  # the marker that keeps `portable` off a running piece
     results = list((tmp_path / "out").glob("*/mas_arc_easy_mc/**/results_*.json"))
     assert len(results) == 3
     methods = {json.loads(r.read_text())["config"]["diffmas"]["method"] for r in results}
