@@ -29,7 +29,7 @@ import pandas as pd
 
 from diffmas_eval.benchmarks.extract import extract_letter
 from diffmas_eval.slim import BACKFILL_LETTERS as LETTERS
-from diffmas_eval.slim import full_copy, gold_letter
+from diffmas_eval.slim import generations, gold_letter
 
 
 def _latest(directory: Path, pattern: str) -> Path | None:
@@ -56,23 +56,7 @@ def gold_letters(samples: Path) -> dict[int, str] | None:
 
 def answered_letters(piece: Path, task: str, run_key: str | None) -> dict[int, str | None]:
     """doc_id -> the letter extracted from the final answer, from the text kept on this machine (empty without it)."""
-    records: dict[int, dict] = {}
-    for sidecar in (full_copy(piece / "sidecar.jsonl"), piece / "sidecar.jsonl"):
-        if not sidecar.is_file():
-            continue
-        for line in sidecar.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by an interrupted run
-                continue
-            if record.get("task") != task or "result" not in record or record.get("request_type") != "generate_until":
-                continue
-            if run_key and record.get("run_key") not in (None, run_key):
-                continue
-            records[int(record["doc_id"])] = record
-        if records:
-            break
-    return {doc: extract_letter(str(record["result"]), LETTERS) for doc, record in records.items()}
+    return {doc: extract_letter(text, LETTERS) for doc, text in generations(piece, task, run_key).items()}
 
 
 def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:

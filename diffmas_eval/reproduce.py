@@ -284,7 +284,6 @@ def run_piece(piece: Piece) -> int:
         from diffmas_eval.portable import make_portable
 
         marker.unlink(missing_ok=True)
-
         make_portable([piece.directory], root=Path.cwd(), data_dir=data_dir())  # command.sh and log.txt too
         if piece.slim:  # finished or not: the text it drops stays in the local full copy, the resume cache
             from diffmas_eval.slim import slim_results

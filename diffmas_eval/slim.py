@@ -151,20 +151,24 @@ def slim_results(paths: list[Path]) -> list[Path]:
     return changed
 
 
-def _generations(piece: Path, task: str, run_key: str) -> dict[int, str]:
-    """doc_id -> the final answer's text of `task` under `run_key`, from the piece's full copy (empty without one)."""
-    copy = full_copy(piece / "sidecar.jsonl")
-    texts = {}
-    for line in copy.read_text(encoding="utf-8").splitlines() if copy.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by an interrupted run
-            continue
-        if (record.get("task"), record.get("request_type")) != (task, "generate_until") or "result" not in record:
-            continue
-        if record.get("run_key") in (None, run_key):  # side-cars written before run keys carry none
-            texts[int(record["doc_id"])] = str(record["result"])
-    return texts
+def generations(piece: Path, task: str, run_key: str | None) -> dict[int, str]:
+    """doc_id -> the final answer's text of `task` kept on this machine: from the piece's full copy, else from its
+    side-car when that was never slimmed; only records under `run_key` (or written before run keys, carrying none;
+    any record when `run_key` is None). Empty when no text is here."""
+    for sidecar in (full_copy(piece / "sidecar.jsonl"), piece / "sidecar.jsonl"):
+        texts = {}
+        for line in sidecar.read_text(encoding="utf-8").splitlines() if sidecar.is_file() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
+                continue
+            if (record.get("task"), record.get("request_type")) != (task, "generate_until") or "result" not in record:
+                continue
+            if run_key is None or record.get("run_key") in (None, run_key):
+                texts[int(record["doc_id"])] = str(record["result"])
+        if texts:
+            return texts
+    return {}
 
 
 def answers_from_full_copies(paths: list[Path]) -> dict[Path, str]:
@@ -188,7 +192,11 @@ def answers_from_full_copies(paths: list[Path]) -> dict[Path, str]:
             outcomes[samples] = f"no {result_file.name} beside it"
             continue
         config = json.loads(result_file.read_text(encoding="utf-8")).get("config") or {}
-        texts = _generations(samples.parent.parent, task, (config.get("diffmas") or {}).get("run_key"))
+        run_key = (config.get("diffmas") or {}).get("run_key")
+        if not run_key:
+            outcomes[samples] = f"no run key in {result_file.name}"
+            continue
+        texts = generations(samples.parent.parent, task, run_key)
         missing = [sample["doc_id"] for sample in lines if int(sample["doc_id"]) not in texts]
         if missing:
             outcomes[samples] = f"no text on this machine for {len(missing)} of {len(lines)} documents"
