@@ -4,8 +4,9 @@ For each (run, task) piece of the config: the documents its committed results co
 target, the seconds per document the piece measured (its results' `wall_seconds` over its requests), and the
 evaluation hours left at that rate. A piece never run has no rate of its own; it is costed at the same run's mean
 rate over its other pieces of the same request kind (generation or letter scoring), else at the mean of the runs of the
-same method (model) for that kind, else listed as unmeasured. Rates are one process's wall time, as the pieces ran (mostly one core each, beside one other job), on
-whatever machine ran them: a guide for planning sessions, not a benchmark.
+same method (model) for that kind, else listed as unmeasured. Rates are one process's wall time, as the pieces ran
+(mostly one core each, beside one other job), on whatever machine ran them: a guide for planning sessions, not a
+benchmark.
 
     python benchmarks/leaderboard_progress.py results/qwen-cpu.yaml [--out DIR] [--only RUN,...] [--pending]
 """

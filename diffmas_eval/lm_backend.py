@@ -216,12 +216,20 @@ class MultiAgentLM(LM):
             gen_kwargs.pop("answer_format", None)
             key = json.dumps([context, gen_kwargs], sort_keys=True, default=str)
             # Repeats of one request (lm-eval clones them) get different seeds; nothing depends on batch or order.
-            seed = derive_seed(self.seed, key, occurrences[key])
+            occurrence = occurrences[key]
+            seed = derive_seed(self.seed, key, occurrence)
             occurrences[key] += 1
             partner = others.get(context)
             store_key = _store_key("generate_until", context, gen_kwargs, answer_format, seed, partner)
-            items.append((index, context, gen_kwargs, answer_format, seed, request, store_key, partner))
+            items.append((index, context, gen_kwargs, answer_format, seed, request, store_key, partner, occurrence))
         outputs: list[str | None] = [self._reuse(it[6]) for it in items]
+        rebudgeted = []
+        for position, item in enumerate(items):
+            if outputs[position] is None and (record := self._reuse_other_budget(item)) is not None:
+                outputs[position] = record["result"]
+                rebudgeted.append(record)
+        if rebudgeted:
+            self._write(rebudgeted)
         todo = [it for it, out in zip(items, outputs, strict=True) if out is None]
         tokens = self._token_counts([it[1] for it in todo])
         collator = Collator(
@@ -396,6 +404,7 @@ class MultiAgentLM(LM):
     def _load_sidecar(self) -> None:
         """Index the finished requests an earlier run with the same run key left in the side-car file."""
         self._finished: dict[str, dict[str, Any]] = {}
+        self._budgets: set[int] = set()  # final-agent budgets of the generations in `_finished`
         if not self.sidecar_path.is_file():
             return
         run_key = self.run_key()
@@ -407,6 +416,46 @@ class MultiAgentLM(LM):
                     continue
                 if record.get("run_key") == run_key and "result" in record:
                     self._finished[record["store_key"]] = record
+                    if record.get("request_type") == "generate_until" and "budget" in (record.get("final") or {}):
+                        self._budgets.add(int(record["final"]["budget"]))
+
+    def _reuse_other_budget(self, item: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A greedy generation finished under another final-agent budget, valid for this one, as this request's record.
+
+        Greedy decoding of the final agent reads the budget only to stop: a generation that ended (end of turn or a
+        stop string) after fewer tokens than this request's budget is token for token what this budget would give.
+        The upstream agents have budgets of their own (model arguments, part of the run key), and seeds matter only
+        when sampling. So raising a task's budget recomputes only the generations the old budget cut off. The record
+        is stored again under this request's key, with this budget and `rebudgeted_from` (the old budget).
+        """
+        _, context, gen_kwargs, answer_format, seed, _, store_key, partner, occurrence = item
+        name = next((k for k in ("max_gen_toks", "max_new_tokens") if k in gen_kwargs), None)
+        if name is None or DecodingConfig.from_gen_kwargs(gen_kwargs, self.max_gen_toks).sampling:
+            return None
+        budget = int(gen_kwargs[name])
+        for other in sorted(self._budgets - {budget}, reverse=True):
+            other_kwargs = {**gen_kwargs, name: other}
+            other_key = json.dumps([context, other_kwargs], sort_keys=True, default=str)
+            other_seed = derive_seed(self.seed, other_key, occurrence)
+            record = self._finished.get(
+                _store_key("generate_until", context, other_kwargs, answer_format, other_seed, partner)
+            )
+            final = (record or {}).get("final") or {}
+            if final.get("stopped_before_budget") and int(final.get("generated_tokens", budget)) < budget:
+                moved = {
+                    **record,
+                    "final": {**final, "budget": budget},
+                    "seed": seed,
+                    "run_key": self._run_key,
+                    "store_key": store_key,
+                    "rebudgeted_from": other,
+                }
+                self._finished[store_key] = moved
+                self._account(moved)
+                self.totals["reused_requests"] += 1
+                self.totals["rebudgeted_requests"] += 1
+                return moved
+        return None
 
     def _reuse(self, store_key: str) -> Any:
         """The stored result of a finished request (its accounting counted again), or None."""

@@ -1,6 +1,7 @@
 """`diffmas-eval reproduce CONFIG`: a set of (method x task) evaluations, resumable piece by piece, then the report.
 
-A config (YAML) names a backbone, defaults, runs (method + model args) and tasks (optionally a `limit` per task):
+A config (YAML) names a backbone, defaults, runs (method + model args) and tasks (optionally a `limit` per task, or
+`{limit: N, gen_kwargs: {...}}`: a task's own decoding, e.g. a larger final-agent budget where answers run long):
 
     name: smollm2-cpu
     backbone: smollm2-135m-instruct
@@ -9,7 +10,9 @@ A config (YAML) names a backbone, defaults, runs (method + model args) and tasks
       - {name: single-agent, model: single-agent}
       - {name: latent-mas-m10, model: latent-mas, model_args: {latent_steps: 10}}
       - {name: realign, model: latent-mas, model_args: {realign: true}, tasks: [mas_gsm8k]}   # some tasks only
-    tasks: {mas_gsm8k: 40, mas_arc_easy_mc: 200}
+    tasks: {mas_gsm8k: {limit: 40, gen_kwargs: {max_gen_toks: 512}}, mas_arc_easy_mc: 200}
+
+A piece's decoding is the defaults', then its task's, then its run's (a run's sampling settings apply to every task).
 
 Each (run, task) is one piece with its own output directory `OUT/<run>/<task>/`, evaluated by the `diffmas-eval` CLI in
 a subprocess (the exact command is written to `command.sh` there). A piece with a results file for the same limit, made
@@ -44,6 +47,8 @@ _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", 
 # Model args naming a trained artefact directory (DiffMAS / Interlat adapter, NeuroMAS adapters, C2C fuser).
 ARTEFACT_ARGS = ("adapter", "adapters", "fuser")
 _TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper", "slim"}
+_TASK_KEYS = {"limit", "gen_kwargs"}
+_BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
 
 
 @dataclass
@@ -127,7 +132,13 @@ class Piece:
             differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar"))
             differ += [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
             if differ:
-                return f"{path} was made with other settings ({'; '.join(differ)})"
+                hint = ""
+                if all(d.startswith(tuple(f"gen_kwargs {k}=" for k in _BUDGET_KEYS)) for d in differ):
+                    hint = (
+                        ". Only the final-agent budget differs: move that results file and its samples away and keep "
+                        "sidecar.jsonl, whose greedy generations that ended before the old budget are reused"
+                    )
+                return f"{path} was made with other settings ({'; '.join(differ)}){hint}"
         return None
 
 
@@ -176,6 +187,18 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if stray:  # a run's `tasks` restricts it to some of the config's tasks
             raise ValueError(f"{path}: run {run['name']!r} names tasks the config does not list: {sorted(stray)}")
         names.add(run["name"])
+    if isinstance(config["tasks"], dict):
+        for task, entry in config["tasks"].items():
+            if isinstance(entry, dict) and (
+                set(entry) - _TASK_KEYS or not isinstance(entry.get("gen_kwargs", {}), dict)
+            ):
+                raise ValueError(
+                    f"{path}: task {task!r}: give a limit, or a mapping with {sorted(_TASK_KEYS)} "
+                    f"(gen_kwargs a mapping), not {entry!r}"
+                )
+            limit = entry.get("limit") if isinstance(entry, dict) else entry
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ValueError(f"{path}: task {task!r}: the limit must be a positive whole number, not {limit!r}")
     config["_dir"] = str(path.resolve().parent)
     return config
 
@@ -193,7 +216,7 @@ def plan(
     """Expand a config into pieces (run x task), applying the command-line overrides. A run whose trained artefact
     does not exist is an error, unless `check_artefacts` is off (for reading progress, not for running)."""
     defaults = config.get("defaults") or {}
-    task_limits = config["tasks"] if isinstance(config["tasks"], dict) else dict.fromkeys(config["tasks"])
+    task_entries = config["tasks"] if isinstance(config["tasks"], dict) else dict.fromkeys(config["tasks"])
     chosen_backbone = backbone or config.get("backbone")
     runs = []
     for run in config["runs"]:
@@ -211,16 +234,19 @@ def plan(
                     f"run {run['name']!r}: {arg} {artefact} does not exist; train it first "
                     "(see the config's comments) or leave the run out with --only"
                 )
-        gen_kwargs = {**(defaults.get("gen_kwargs") or {}), **(run.get("gen_kwargs") or {})}
         batch_size = int(run.get("batch_size", defaults.get("batch_size", 1)))
-        runs.append((run, model_args, gen_kwargs, batch_size))
+        runs.append((run, model_args, batch_size))
     pieces = []
     # Task-major order: each task's row of the leaderboard completes across methods before the next task starts.
-    for task, task_limit in task_limits.items():
+    for task, entry in task_entries.items():
         if tasks and task not in tasks:
             continue
+        task_limit, task_gen = (
+            (entry.get("limit"), entry.get("gen_kwargs") or {}) if isinstance(entry, dict) else (entry, {})
+        )
         piece_limit = limit if limit is not None else (task_limit if task_limit is not None else defaults.get("limit"))
-        for run, model_args, gen_kwargs, batch_size in runs:
+        for run, model_args, batch_size in runs:
+            gen_kwargs = {**(defaults.get("gen_kwargs") or {}), **task_gen, **(run.get("gen_kwargs") or {})}
             if run.get("tasks") and task not in run["tasks"]:
                 continue
             pieces.append(

@@ -289,6 +289,34 @@ def test_interrupted_run_resumes_from_the_sidecar_without_redoing_finished_reque
     assert "reused_requests" not in other.get_model_info()["diffmas"]["totals"]
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [("single-agent", {}), ("text-mas", {"max_new_tokens": 6})])
+def test_a_raised_budget_recomputes_only_the_generations_the_old_budget_cut_off(
+    name, kwargs, tiny_model_dir, adapters, tmp_path
+):
+    """Greedy generations that ended before the old budget are reused at a new one; they equal a fresh run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
+    old.generate_until(_generate_requests({"until": ["a"], "max_gen_toks": 8}), disable_tqdm=True)
+    finals = [json.loads(line)["final"] for line in (run / "sidecar.jsonl").read_text().splitlines()]
+    stopped = sum(f["stopped_before_budget"] for f in finals)
+    assert 0 < stopped < len(QUESTIONS)  # some generations ended, others were cut off at 8 tokens
+    requests = _generate_requests({"until": ["a"], "max_gen_toks": 12})
+    raised = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
+    got = raised.generate_until(requests, disable_tqdm=True)
+    totals = raised.get_model_info()["diffmas"]["totals"]
+    assert totals["rebudgeted_requests"] == totals["reused_requests"] == stopped
+    assert got == _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "fresh", requests, batch_size=2)
+    records = [json.loads(line) for line in (run / "sidecar.jsonl").read_text().splitlines()]
+    assert sorted(r["final"]["budget"] for r in records if "rebudgeted_from" in r) == [12] * stopped
+    # Sampled decoding depends on the seed, which depends on the budget: never reused across budgets.
+    sampled = {"until": ["a"], "max_gen_toks": 16, "do_sample": True, "temperature": 0.7}
+    for budget in (8, 16):
+        again = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
+        again.generate_until(_generate_requests({**sampled, "max_gen_toks": budget}), disable_tqdm=True)
+    assert "rebudgeted_requests" not in again.get_model_info()["diffmas"]["totals"]
+
+
 def test_loglikelihood_resumes_from_the_sidecar(tiny_model_dir, adapters, tmp_path):
     requests = _mc_requests(QUESTIONS[:3])
     first = _make("text-mas", {"max_new_tokens": 3}, tiny_model_dir, adapters, tmp_path, batch_size=3)

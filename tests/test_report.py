@@ -400,6 +400,48 @@ def test_side_car_documents_beyond_a_limited_run_are_not_counted(tmp_path):
     assert build_report([work]).tables["cost"][columns].equals(original.tables["cost"][columns])
 
 
+def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_path):
+    """A row may give each task its own final-agent budget; the side-car's lines under another budget (a budget
+    raised, its early-ended generations reused) are not counted."""
+    original = build_report([FIXTURES / "good" / "results-b"])
+    work = tmp_path / "results-b"
+    shutil.copytree(FIXTURES / "good" / "results-b", work)
+    (results_file,) = work.glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    results["config"]["gen_kwargs"] = {"max_gen_toks": 512}
+    results_file.write_text(json.dumps(results))
+    (sidecar,) = work.glob("sidecar_*.jsonl")
+    lines = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert {line["final"]["budget"] for line in lines} == {512}
+    older = [dict(line, final={**line["final"], "budget": 256}, wall_seconds=1e6) for line in lines]
+    sidecar.write_text("".join(json.dumps(line) + "\n" for line in older + lines))
+    raised = build_report([work])
+    columns = ["generated tokens / problem", "seconds / problem"]
+    assert raised.tables["cost"][columns].equals(original.tables["cost"][columns])
+    # The same configuration with a larger budget on one task: one row, each task's budget in the stability table.
+    other = tmp_path / "results-b-medqa"
+    shutil.copytree(work, other)
+    (other_file,) = other.glob("results_*.json")
+    data = json.loads(other_file.read_text())
+    data["config"]["gen_kwargs"] = {"max_gen_toks": 1024}
+    data["date"] += 60
+    data["results"] = {"mas_gsm8k": data["results"]["mas_gsm8k"]}
+    other_file.write_text(json.dumps(data))
+    for stray in other.glob("samples_mas_[ah]*"):
+        stray.unlink()
+    (other_sidecar,) = other.glob("sidecar_*.jsonl")
+    other_sidecar.write_text("".join(json.dumps(dict(x, final={**x["final"], "budget": 1024})) + "\n" for x in lines))
+    both = build_report([work, other])
+    (settings,) = set(_row(both.tables["leaderboard"], method="latent-mas")["settings"])
+    assert "max_gen_toks per task" in settings
+    stability = _row(both.tables["stability"], method="latent-mas")
+    assert dict(zip(stability["task"], stability["budget"], strict=True)) == {
+        "mas_gsm8k": "1024",
+        "mas_arc_easy": "512",
+        "mas_humaneval_plus": "512",
+    }
+
+
 def test_settings_labels_name_neuromas_graphs_and_adapters_by_fingerprint():
     """NeuroMAS rows are labelled by graph and adapters' fingerprint, never by paths or training records."""
     from types import SimpleNamespace

@@ -172,6 +172,47 @@ def test_a_piece_directory_with_results_of_other_settings_is_a_conflict(tmp_path
     assert "gen_kwargs do_sample=True there, None here" in decoding.conflict()
 
 
+def test_a_task_can_have_its_own_decoding_and_a_budget_change_says_what_to_keep(tmp_path):
+    config = {
+        "defaults": {"gen_kwargs": {"max_gen_toks": 512}},
+        "runs": [
+            {"name": "greedy", "model": "single-agent"},
+            {"name": "sampled", "model": "single-agent", "gen_kwargs": {"do_sample": True, "max_gen_toks": 64}},
+        ],
+        "tasks": {"mas_medqa": {"limit": 30, "gen_kwargs": {"max_gen_toks": 1024}}, "mas_gsm8k": 20},
+    }
+    pieces = {(p.task, p.run): p for p in plan(load_config(_write(tmp_path, config)), tmp_path / "out")}
+    assert pieces["mas_medqa", "greedy"].gen_kwargs == {"max_gen_toks": 1024}
+    assert pieces["mas_medqa", "greedy"].limit == 30 and pieces["mas_gsm8k", "greedy"].limit == 20
+    assert pieces["mas_gsm8k", "greedy"].gen_kwargs == {"max_gen_toks": 512}
+    assert pieces["mas_medqa", "sampled"].gen_kwargs == {"max_gen_toks": 64, "do_sample": True}  # the run's wins
+    command = pieces["mas_medqa", "greedy"].command()
+    assert command[command.index("--gen_kwargs") + 1] == "max_gen_toks=1024"
+    budget = _piece_with_results(
+        tmp_path / "b", {"gen_kwargs": {"max_gen_toks": 512}}, gen_kwargs={"max_gen_toks": 1024}
+    )
+    assert "keep sidecar.jsonl" in budget.conflict()
+    both = _piece_with_results(
+        tmp_path / "c", {"gen_kwargs": {"max_gen_toks": 512}}, gen_kwargs={"max_gen_toks": 1024, "do_sample": True}
+    )
+    assert "keep sidecar.jsonl" not in both.conflict()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"limt": 3}, "a mapping with"),
+        ({"gen_kwargs": "max_gen_toks=9"}, "a mapping with"),
+        (0, "positive"),
+        ({"limit": "all"}, "positive"),
+    ],
+)
+def test_bad_task_entries_fail_with_one_clear_error(tmp_path, entry, message):
+    config = {"runs": [{"name": "a", "model": "single-agent"}], "tasks": {"mas_gsm8k": entry}}
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, config))
+
+
 def test_slim_must_be_a_boolean(tmp_path):
     config = {"runs": [{"name": "a", "model": "single-agent"}], "tasks": ["t"], "slim": "false"}
     with pytest.raises(ValueError, match="`slim` must be true or false"):

@@ -110,6 +110,9 @@ class Run:
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     totals: dict[str, float] | None = None
     all_task_counts: dict[str, Any] = field(default_factory=dict)  # every task the file lists, usable or not
+    # The final agent's token budget (`max_gen_toks` of the decoding), or None when the file does not set one. A task
+    # property, like its prompt: not part of `identity`, so a row may give each task its own budget.
+    budget: int | None = None
 
     @property
     def identity_key(self) -> str:
@@ -147,9 +150,26 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
+
+
+def split_budget(decoding: Any) -> tuple[Any, int | None]:
+    """A results file's `gen_kwargs` (a dict, or lm-eval's `k=v,...` string) without the final-agent budget, and the
+    budget (None when it sets none)."""
+    if not decoding:
+        return None, None
+    parsed = parsed_args(decoding) if isinstance(decoding, str) else dict(decoding)
+    budget = next((parsed.pop(k) for k in BUDGET_KEYS if k in parsed), None)
+    try:
+        budget = None if budget is None else int(budget)
+    except (TypeError, ValueError):
+        return decoding, None  # not a number: left in the identity as it is
+    return (parsed or None), budget
+
+
 def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str, dict[str, Any], Any] | None:
     """(source, identity, seed) from a results file's `config`, or None (with a warning) when it cannot be told."""
-    decoding = config.get("gen_kwargs") or None
+    decoding, _ = split_budget(config.get("gen_kwargs"))
     diffmas = config.get("diffmas")
     if diffmas is not None:
         if not isinstance(diffmas, dict) or not diffmas.get("method") or not diffmas.get("backbone"):
@@ -241,6 +261,7 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
     if totals is not None and not (_number(totals.get("requests")) or 0) > 0:
         totals = None  # nothing was counted (e.g. an older backend): no cost rather than zeros
     run = Run(path=path, date=date, source=source, identity=identity, seed=seed, limit=limit, totals=totals)
+    run.budget = split_budget(config.get("gen_kwargs"))[1]
 
     groups = {name for name, children in (data.get("group_subtasks") or {}).items() if children}
     groups |= set(data.get("groups") or {})
@@ -261,7 +282,7 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
         log.warn(path, "no usable task results; file skipped")
         return None
     _attach_samples(run, data.get("task_hashes") or {}, log)
-    _attach_sidecar(run, diffmas.get("sidecars") or diffmas.get("sidecar"), log, diffmas.get("run_key"))
+    _attach_sidecar(run, diffmas.get("sidecars") or diffmas.get("sidecar"), log, diffmas.get("run_key"), run.budget)
     return run
 
 
@@ -394,8 +415,13 @@ def _resolve_sidecar(run: Run, declared: str) -> Path | None:
     return None
 
 
-def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | None = None) -> None:
-    """Per-document cost and stopping from the backend's side-car JSONL (see TEAM.md for its line format)."""
+def _attach_sidecar(
+    run: Run, declared: Any, log: WarningLog, run_key: str | None = None, budget: int | None = None
+) -> None:
+    """Per-document cost and stopping from the backend's side-car JSONL (see TEAM.md for its line format).
+
+    A side-car can hold generations under several final-agent budgets (a task's budget raised, its generations that
+    ended early reused): only those under `budget`, the results file's, count."""
     if not declared:
         return
     paths = []
@@ -421,6 +447,9 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | Non
                 continue
             # A side-car can hold several runs (resumed or re-configured): this run's lines, the last per request.
             if run_key and record.get("run_key") not in (None, run_key):
+                continue
+            recorded_budget = (record.get("final") or {}).get("budget")
+            if budget is not None and recorded_budget not in (None, budget):
                 continue
             records[record.get("store_key") or line_no] = record
         for record in records.values():

@@ -86,7 +86,9 @@ def run_kind(run: Run) -> str:
     return "control" if method is not None and method.is_control(run.identity) else "method"
 
 
-def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
+def _settings(run: Run, *, with_seed: bool, with_date: bool, budgets: tuple[int, ...] = ()) -> list[str]:
+    """The row's settings, for its label. `budgets`: the final-agent budgets of its tasks (a task property, shown
+    as one `max_gen_toks` when they agree; the stability table gives each task's)."""
     ident = run.identity
     method = ident["method"]
     parts = []
@@ -116,10 +118,15 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool) -> list[str]:
         parts.append("thinking")
     if ident.get("max_new_tokens") is not None:
         parts.append(f"max_new={ident['max_new_tokens']}")
+    decoding = []
+    if budgets:
+        decoding.append(f"max_gen_toks={budgets[0]}" if len(budgets) == 1 else "max_gen_toks per task")
     if ident.get("decoding"):
-        decoding = ident["decoding"]
         # Compact `k=v` pairs: the same information as lm-eval's gen_kwargs dict, short enough for a plot legend.
-        parts.append(" ".join(f"{k}={v}" for k, v in decoding.items()) if isinstance(decoding, dict) else str(decoding))
+        extra = ident["decoding"]
+        decoding += [f"{k}={v}" for k, v in extra.items()] if isinstance(extra, dict) else [str(extra)]
+    if decoding:
+        parts.append(" ".join(decoding))
     if with_seed and run.seed is not None:
         parts.append(f"seed={run.seed}")
     if with_date:
@@ -146,7 +153,8 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
         row.run = run
     for row in rows.values():
         multi_seed = len(seeds_per_config[row.run.identity_key]) > 1
-        row.settings = ", ".join(_settings(row.run, with_seed=multi_seed, with_date=all_runs))
+        budgets = tuple(sorted({run.budget for run, _ in row.entries.values()} - {None}))
+        row.settings = ", ".join(_settings(row.run, with_seed=multi_seed, with_date=all_runs, budgets=budgets))
     _disambiguate(list(rows.values()))
     method_rank = {m: i for i, m in enumerate(method_order())}
     return sorted(
@@ -456,6 +464,7 @@ def stability_table(rows: list[Row], cost: pd.DataFrame) -> pd.DataFrame:
                     **row.labels(),
                     "task": task,
                     "n": result.n,
+                    "budget": NA if run.budget is None or pd.isna(stopped) else str(run.budget),
                     "stopped before budget": _pct(None if pd.isna(stopped) else float(stopped)),
                     "stopping source": source if not pd.isna(stopped) else NA,
                     "extractable answer": _pct(extracted.value if extracted else None),
@@ -468,6 +477,7 @@ def stability_table(rows: list[Row], cost: pd.DataFrame) -> pd.DataFrame:
             *ROW_COLUMNS,
             "task",
             "n",
+            "budget",
             "stopped before budget",
             "stopping source",
             "extractable answer",
