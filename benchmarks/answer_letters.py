@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffmas_eval.benchmarks.extract import extract_letter
+from diffmas_eval.settings import split_budget
 from diffmas_eval.slim import BACKFILL_LETTERS as LETTERS
 from diffmas_eval.slim import generations, gold_letter
 
@@ -54,9 +55,9 @@ def gold_letters(samples: Path) -> dict[int, str] | None:
     return gold
 
 
-def answered_letters(piece: Path, task: str, run_key: str | None) -> dict[int, str | None]:
+def answered_letters(piece: Path, task: str, run_key: str | None, budget: int | None = None) -> dict[int, str | None]:
     """doc_id -> the letter extracted from the final answer, from the text kept on this machine (empty without it)."""
-    return {doc: extract_letter(text, LETTERS) for doc, text in generations(piece, task, run_key).items()}
+    return {doc: extract_letter(text, LETTERS) for doc, text in generations(piece, task, run_key, budget).items()}
 
 
 def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -80,14 +81,15 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
             "always the commonest letter": f"{top} {100 * top_count / len(gold):.1f}",
         }
         result_file = _latest(samples.parent, "results_*.json")
-        run_key = None
+        run_key = budget = None
         if result_file is not None:
-            run_key = ((json.loads(result_file.read_text()).get("config") or {}).get("diffmas") or {}).get("run_key")
+            config = json.loads(result_file.read_text()).get("config") or {}
+            run_key, budget = (config.get("diffmas") or {}).get("run_key"), split_budget(config.get("gen_kwargs"))[1]
         source, answered = "", {}
         if not task.endswith("_mc") and all("answer" in s for s in lines):
             source, answered = "samples", {int(s["doc_id"]): s["answer"] for s in lines}
         elif not task.endswith("_mc"):
-            answered = answered_letters(piece, task, run_key)
+            answered = answered_letters(piece, task, run_key, budget)
             answered = {doc: letter for doc, letter in answered.items() if doc in gold}
             source = "text here" if answered else ""
         row = {"run": run, "task": task, "n": len(gold), "acc": 100 * sum(scores.values()) / len(scores)}

@@ -98,8 +98,10 @@ def main() -> None:
     print(f"\nevaluation hours the committed pieces took (their largest results file each): {spent:.1f}")
     print(f"documents done: {int(frame['done'].sum())} of {int(frame['target'].sum())}")
     runs = f" ({', '.join(sorted(set(unmeasured['run'])))})" if len(unmeasured) else ""
-    print(f"hours left at the measured rates: {0 if math.isnan(left) else left:.1f}, plus {len(unmeasured)} unmeasured "
-          f"pieces{runs}")
+    print(
+        f"hours left at the measured rates: {0 if math.isnan(left) else left:.1f}, plus {len(unmeasured)} unmeasured "
+        f"pieces{runs}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from diffmas_eval.methods import Method, Question
 from diffmas_eval.methods.registry import get_method, methods
 from diffmas_eval.paths import cache_dir
 from diffmas_eval.prompts import FINAL_ROLE
-from diffmas_eval.settings import build_settings, setting, unknown_names_message
+from diffmas_eval.settings import BUDGET_KEYS, build_settings, setting, unknown_names_message
 
 logger = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ class MultiAgentLM(LM):
         is stored again under this request's key, with this budget and `rebudgeted_from` (the old budget).
         """
         _, context, gen_kwargs, answer_format, seed, _, store_key, partner, occurrence = item
-        name = next((k for k in ("max_gen_toks", "max_new_tokens") if k in gen_kwargs), None)
+        name = next((k for k in BUDGET_KEYS if k in gen_kwargs), None)
         if name is None or DecodingConfig.from_gen_kwargs(gen_kwargs, self.max_gen_toks).sampling:
             return None
         budget = int(gen_kwargs[name])

@@ -40,7 +40,7 @@ import yaml
 
 from diffmas_eval.artifacts import weights_fingerprint
 from diffmas_eval.registry import model_names
-from diffmas_eval.settings import parsed_args
+from diffmas_eval.settings import BUDGET_KEYS, parsed_args
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
@@ -48,7 +48,6 @@ _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", 
 ARTEFACT_ARGS = ("adapter", "adapters", "fuser")
 _TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper", "slim"}
 _TASK_KEYS = {"limit", "gen_kwargs"}
-_BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
 
 
 @dataclass
@@ -133,7 +132,7 @@ class Piece:
             differ += [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
             if differ:
                 hint = ""
-                if all(d.startswith(tuple(f"gen_kwargs {k}=" for k in _BUDGET_KEYS)) for d in differ):
+                if all(d.startswith(tuple(f"gen_kwargs {k}=" for k in BUDGET_KEYS)) for d in differ):
                     hint = (
                         ". Only the final-agent budget differs: move that results file and its samples away and keep "
                         "sidecar.jsonl, whose greedy generations that ended before the old budget are reused"

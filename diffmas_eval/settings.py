@@ -122,3 +122,20 @@ def parsed_args(args: Any) -> dict[str, Any]:
 
         return simple_parse_args_string(args)
     return {}
+
+
+BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
+
+
+def split_budget(decoding: Any) -> tuple[Any, int | None]:
+    """A results file's `gen_kwargs` (a dict, or lm-eval's `k=v,...` string) without the final-agent budget, and the
+    budget (None when it sets none)."""
+    if not decoding:
+        return None, None
+    parsed = parsed_args(decoding) if isinstance(decoding, str) else dict(decoding)
+    budget = next((parsed.pop(k) for k in BUDGET_KEYS if k in parsed), None)
+    try:
+        budget = None if budget is None else int(budget)
+    except (TypeError, ValueError):
+        return decoding, None  # not a number: left in the identity as it is
+    return (parsed or None), budget

@@ -35,6 +35,7 @@ from typing import Any
 
 from diffmas_eval.benchmarks.extract import extract_letter
 from diffmas_eval.portable import replace_text, running
+from diffmas_eval.settings import split_budget
 
 SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash", "answer")
 AGENT_TEXT_KEYS = ("text",)
@@ -151,10 +152,11 @@ def slim_results(paths: list[Path]) -> list[Path]:
     return changed
 
 
-def generations(piece: Path, task: str, run_key: str | None) -> dict[int, str]:
+def generations(piece: Path, task: str, run_key: str | None, budget: int | None = None) -> dict[int, str]:
     """doc_id -> the final answer's text of `task` kept on this machine: from the piece's full copy, else from its
     side-car when that was never slimmed; only records under `run_key` (or written before run keys, carrying none;
-    any record when `run_key` is None). Empty when no text is here."""
+    any record when `run_key` is None) and under the final-agent `budget` when given (a side-car can hold a task's
+    generations under an old and a raised budget). Empty when no text is here."""
     for sidecar in (full_copy(piece / "sidecar.jsonl"), piece / "sidecar.jsonl"):
         texts = {}
         for line in sidecar.read_text(encoding="utf-8").splitlines() if sidecar.is_file() else []:
@@ -163,6 +165,8 @@ def generations(piece: Path, task: str, run_key: str | None) -> dict[int, str]:
             except json.JSONDecodeError:  # a line cut short by an interrupted run
                 continue
             if (record.get("task"), record.get("request_type")) != (task, "generate_until") or "result" not in record:
+                continue
+            if budget is not None and (record.get("final") or {}).get("budget") not in (None, budget):
                 continue
             if run_key is None or record.get("run_key") in (None, run_key):
                 texts[int(record["doc_id"])] = str(record["result"])
@@ -196,7 +200,7 @@ def answers_from_full_copies(paths: list[Path]) -> dict[Path, str]:
         if not run_key:
             outcomes[samples] = f"no run key in {result_file.name}"
             continue
-        texts = generations(samples.parent.parent, task, run_key)
+        texts = generations(samples.parent.parent, task, run_key, split_budget(config.get("gen_kwargs"))[1])
         missing = [sample["doc_id"] for sample in lines if int(sample["doc_id"]) not in texts]
         if missing:
             outcomes[samples] = f"no text on this machine for {len(missing)} of {len(lines)} documents"

@@ -212,3 +212,19 @@ def test_answers_come_back_from_a_full_copy_only_when_they_agree_with_the_scores
     }
     assert [json.loads(line)["answer"] for line in good.read_text().splitlines()] == ["A", "D", None]
     assert all(file.read_text() == text for file, text in before.items())  # left alone
+
+
+def test_the_text_kept_here_is_read_under_the_results_files_budget(tmp_path):
+    """A side-car can hold a task's generations under an old budget and a raised one: each reads as its own."""
+    from diffmas_eval.slim import generations
+
+    def record(doc: int, budget: int, text: str) -> dict:
+        final = {"budget": budget, "stopped_before_budget": True}
+        return {"task": "t", "doc_id": doc, "request_type": "generate_until", "run_key": "k", "final": final,
+                "result": text}  # fmt: skip
+
+    lines = [record(0, 512, "cut off"), record(1, 512, "ended"), record(0, 1024, "longer"), record(1, 1024, "ended")]
+    (tmp_path / "sidecar.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert generations(tmp_path, "t", "k", 512) == {0: "cut off", 1: "ended"}
+    assert generations(tmp_path, "t", "k", 1024) == {0: "longer", 1: "ended"}
+    assert generations(tmp_path, "t", "k") == {0: "longer", 1: "ended"}  # no budget given: the last line per document

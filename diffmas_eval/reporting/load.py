@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from diffmas_eval.reporting.taxonomy import OTHER_DOMAIN, headline_metric, secondary_metrics, task_domain
-from diffmas_eval.settings import parsed_args
+from diffmas_eval.settings import parsed_args, split_budget
 
 # Fields of config.diffmas that describe *how* a run was executed, not *what* was run: everything else a method records
 # (`Method.settings()`) is its identity. Totals, side-car path, package version and seed are not part of the
@@ -148,23 +148,6 @@ def _number(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
-
-
-def split_budget(decoding: Any) -> tuple[Any, int | None]:
-    """A results file's `gen_kwargs` (a dict, or lm-eval's `k=v,...` string) without the final-agent budget, and the
-    budget (None when it sets none)."""
-    if not decoding:
-        return None, None
-    parsed = parsed_args(decoding) if isinstance(decoding, str) else dict(decoding)
-    budget = next((parsed.pop(k) for k in BUDGET_KEYS if k in parsed), None)
-    try:
-        budget = None if budget is None else int(budget)
-    except (TypeError, ValueError):
-        return decoding, None  # not a number: left in the identity as it is
-    return (parsed or None), budget
 
 
 def _identity(config: dict[str, Any], path: Path, log: WarningLog) -> tuple[str, dict[str, Any], Any] | None:
