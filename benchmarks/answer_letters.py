@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffmas_eval.benchmarks.extract import extract_letter
-from diffmas_eval.settings import split_budget
+from diffmas_eval.settings import task_budget
 from diffmas_eval.slim import BACKFILL_LETTERS as LETTERS
 from diffmas_eval.slim import generations, gold_letter
 
@@ -83,8 +83,9 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
         result_file = _latest(samples.parent, "results_*.json")
         run_key = budget = None
         if result_file is not None:
-            config = json.loads(result_file.read_text()).get("config") or {}
-            run_key, budget = (config.get("diffmas") or {}).get("run_key"), split_budget(config.get("gen_kwargs"))[1]
+            results = json.loads(result_file.read_text())
+            run_key = ((results.get("config") or {}).get("diffmas") or {}).get("run_key")
+            budget = task_budget(results, task)
         source, answered = "", {}
         if not task.endswith("_mc") and all("answer" in s for s in lines):
             source, answered = "samples", {int(s["doc_id"]): s["answer"] for s in lines}

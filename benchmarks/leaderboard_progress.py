@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, artefacts_match, load_config, plan
+from diffmas_eval.settings import split_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCORED = "_mc"  # letter-scored (loglikelihood) variants end in this
@@ -29,18 +30,21 @@ _SCORED = "_mc"  # letter-scored (loglikelihood) variants end in this
 
 def _measured(piece: Piece) -> tuple[int, float | None]:
     """(documents covered, seconds per document) from a piece's finished results files: the documents of the largest
-    one made with the trained artefacts now at the run's paths (any, when those are absent), the rate of the largest
-    one whatever its artefacts (a retrained adapter costs the same)."""
+    one made with the trained artefacts now at the run's paths (any, when those are absent) and the piece's final-agent
+    budget (results under an older budget count as not done: the piece reruns them), the rate of the largest one
+    whatever its artefacts and budget (a retrained adapter costs the same)."""
     present = all(Path(piece.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if piece.model_args.get(arg))
     artefacts = piece.artefact_fingerprints() if present else {}
     done, rate, largest = 0, None, 0
+    budget = split_budget(piece.gen_kwargs)[1]
     for path in piece.directory.glob("**/results_*.json"):
-        config = json.loads(path.read_text())["config"]
+        results = json.loads(path.read_text())
+        config = results["config"]
         totals = (config.get("diffmas") or {}).get("totals") or {}
         documents = int(totals.get("requests") or config.get("limit") or 0)
-        if artefacts_match(config, artefacts):
+        if artefacts_match(config, artefacts) and split_budget(config.get("gen_kwargs"))[1] == budget:
             done = max(done, documents)
-        seconds = totals.get("wall_seconds") or json.loads(path.read_text()).get("total_evaluation_time_seconds")
+        seconds = totals.get("wall_seconds") or results.get("total_evaluation_time_seconds")
         if documents > largest and seconds:
             largest, rate = documents, float(seconds) / documents
     return done, rate

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from diffmas_eval import __version__
 from diffmas_eval.core.backbone import resolve_device
+from diffmas_eval.core.batch_invariant import is_batch_invariant
 from diffmas_eval.core.decode import DecodingConfig, derive_seed, generate
 from diffmas_eval.core.linear import cpu_kernels_label
 from diffmas_eval.core.score import score_continuations
@@ -425,15 +426,20 @@ class MultiAgentLM(LM):
         Greedy decoding of the final agent reads the budget only to stop: a generation that ended (end of turn or a
         stop string) after fewer tokens than this request's budget is token for token what this budget would give.
         The upstream agents have budgets of their own (model arguments, part of the run key), and seeds matter only
-        when sampling. So raising a task's budget recomputes only the generations the old budget cut off. The record
-        is stored again under this request's key, with this budget and `rebudgeted_from` (the old budget).
+        when sampling. So raising a task's budget recomputes only the generations the old budget cut off. Only where a
+        row's output does not depend on its batch (`batch_invariant`, or batch size 1): the recomputed rows are batched
+        anew. The record is stored again under this request's key, with this budget and `rebudgeted_from`.
         """
-        _, context, gen_kwargs, answer_format, seed, _, store_key, partner, occurrence = item
+        _, context, gen_kwargs, answer_format, seed, request, store_key, partner, occurrence = item
         name = next((k for k in BUDGET_KEYS if k in gen_kwargs), None)
-        if name is None or DecodingConfig.from_gen_kwargs(gen_kwargs, self.max_gen_toks).sampling:
+        if name is None or not self._batch_independent():
             return None
-        budget = int(gen_kwargs[name])
-        for other in sorted(self._budgets - {budget}, reverse=True):
+        decoding = DecodingConfig.from_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        if decoding.sampling:
+            return None
+        budget = decoding.max_new_tokens
+        # Budgets as numbers and as text: lm-eval keeps some command-line values as strings, and the key is JSON.
+        for other in [b for n in sorted(self._budgets - {budget}, reverse=True) for b in (n, str(n))]:
             other_kwargs = {**gen_kwargs, name: other}
             other_key = json.dumps([context, other_kwargs], sort_keys=True, default=str)
             other_seed = derive_seed(self.seed, other_key, occurrence)
@@ -444,11 +450,14 @@ class MultiAgentLM(LM):
             if final.get("stopped_before_budget") and int(final.get("generated_tokens", budget)) < budget:
                 moved = {
                     **record,
+                    "prompt_hash": prompt_hash(context),
+                    "task": getattr(request, "task_name", None),
+                    "doc_id": getattr(request, "doc_id", None),
                     "final": {**final, "budget": budget},
                     "seed": seed,
                     "run_key": self._run_key,
                     "store_key": store_key,
-                    "rebudgeted_from": other,
+                    "rebudgeted_from": int(other),
                 }
                 self._finished[store_key] = moved
                 self._account(moved)
@@ -456,6 +465,10 @@ class MultiAgentLM(LM):
                 self.totals["rebudgeted_requests"] += 1
                 return moved
         return None
+
+    def _batch_independent(self) -> bool:
+        """Whether a row's outputs are the same in any batch (batch-invariant kernels on every backbone, or batch 1)."""
+        return self.batch_size == 1 or all(is_batch_invariant(b.model) for b in self.method.backbones().values())
 
     def _reuse(self, store_key: str) -> Any:
         """The stored result of a finished request (its accounting counted again), or None."""

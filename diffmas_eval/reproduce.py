@@ -135,7 +135,8 @@ class Piece:
                 if all(d.startswith(tuple(f"gen_kwargs {k}=" for k in BUDGET_KEYS)) for d in differ):
                     hint = (
                         ". Only the final-agent budget differs: move that results file and its samples away and keep "
-                        "sidecar.jsonl, whose greedy generations that ended before the old budget are reused"
+                        "sidecar.jsonl; under greedy decoding and batch-invariant kernels, the generations that ended "
+                        "before the old budget are reused where their text is (the machine that ran them)"
                     )
                 return f"{path} was made with other settings ({'; '.join(differ)}){hint}"
         return None
@@ -188,12 +189,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
         names.add(run["name"])
     if isinstance(config["tasks"], dict):
         for task, entry in config["tasks"].items():
+            task_gen = (entry.get("gen_kwargs") or {}) if isinstance(entry, dict) else {}
             if isinstance(entry, dict) and (
-                set(entry) - _TASK_KEYS or not isinstance(entry.get("gen_kwargs", {}), dict)
+                set(entry) - _TASK_KEYS
+                or not isinstance(task_gen, dict)
+                or not all(isinstance(v, (str, int, float, bool)) for v in task_gen.values())
             ):
                 raise ValueError(
                     f"{path}: task {task!r}: give a limit, or a mapping with {sorted(_TASK_KEYS)} "
-                    f"(gen_kwargs a mapping), not {entry!r}"
+                    f"(gen_kwargs a mapping of single values, as `--gen_kwargs k=v,...` takes them), not {entry!r}"
                 )
             limit = entry.get("limit") if isinstance(entry, dict) else entry
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

@@ -124,18 +124,40 @@ def parsed_args(args: Any) -> dict[str, Any]:
     return {}
 
 
+# The final agent's budget in lm-eval generation kwargs, in the order `DecodingConfig.from_gen_kwargs` reads them.
 BUDGET_KEYS = ("max_gen_toks", "max_new_tokens")
 
 
+def _budget_number(value: Any) -> int | None:
+    try:
+        return None if value is None or isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def split_budget(decoding: Any) -> tuple[Any, int | None]:
-    """A results file's `gen_kwargs` (a dict, or lm-eval's `k=v,...` string) without the final-agent budget, and the
-    budget (None when it sets none)."""
+    """A results file's `gen_kwargs` (a dict, or lm-eval's `k=v,...` string) without the final-agent budget keys, and
+    the budget they give (None when they give none)."""
     if not decoding:
         return None, None
     parsed = parsed_args(decoding) if isinstance(decoding, str) else dict(decoding)
-    budget = next((parsed.pop(k) for k in BUDGET_KEYS if k in parsed), None)
-    try:
-        budget = None if budget is None else int(budget)
-    except (TypeError, ValueError):
-        return decoding, None  # not a number: left in the identity as it is
-    return (parsed or None), budget
+    values = [parsed.pop(k) for k in BUDGET_KEYS if k in parsed]
+    return (parsed or None), next((b for b in map(_budget_number, values) if b is not None), None)
+
+
+def task_budget(results: dict[str, Any], task: str) -> int | None:
+    """The final-agent budget `task` ran with, from a results file (`results_*.json` as loaded): the task's own
+    generation kwargs as lm-eval recorded them (the task's YAML with `--gen_kwargs` merged in), else `config.gen_kwargs`
+    for files without per-task configs, else the budget our backends fall back to (`config.diffmas`); None for a task
+    that does not generate (letter-scored multiple choice) or when nothing says.
+    """
+    task_config = (results.get("configs") or {}).get(task)
+    if isinstance(task_config, dict):
+        if task_config.get("output_type", "generate_until") != "generate_until":
+            return None
+        budget = split_budget(task_config.get("generation_kwargs"))[1]
+    else:
+        budget = split_budget((results.get("config") or {}).get("gen_kwargs"))[1]
+    if budget is None:  # neither gives one: our backends' own default, which they record
+        budget = _budget_number(((results.get("config") or {}).get("diffmas") or {}).get("max_gen_toks_default"))
+    return budget

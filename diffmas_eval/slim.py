@@ -35,7 +35,7 @@ from typing import Any
 
 from diffmas_eval.benchmarks.extract import extract_letter
 from diffmas_eval.portable import replace_text, running
-from diffmas_eval.settings import split_budget
+from diffmas_eval.settings import task_budget
 
 SAMPLE_KEYS = ("doc_id", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash", "answer")
 AGENT_TEXT_KEYS = ("text",)
@@ -195,12 +195,12 @@ def answers_from_full_copies(paths: list[Path]) -> dict[Path, str]:
         if not result_file.is_file():
             outcomes[samples] = f"no {result_file.name} beside it"
             continue
-        config = json.loads(result_file.read_text(encoding="utf-8")).get("config") or {}
-        run_key = (config.get("diffmas") or {}).get("run_key")
+        results = json.loads(result_file.read_text(encoding="utf-8"))
+        run_key = ((results.get("config") or {}).get("diffmas") or {}).get("run_key")
         if not run_key:
             outcomes[samples] = f"no run key in {result_file.name}"
             continue
-        texts = generations(samples.parent.parent, task, run_key, split_budget(config.get("gen_kwargs"))[1])
+        texts = generations(samples.parent.parent, task, run_key, task_budget(results, task))
         missing = [sample["doc_id"] for sample in lines if int(sample["doc_id"]) not in texts]
         if missing:
             outcomes[samples] = f"no text on this machine for {len(missing)} of {len(lines)} documents"

@@ -289,32 +289,62 @@ def test_interrupted_run_resumes_from_the_sidecar_without_redoing_finished_reque
     assert "reused_requests" not in other.get_model_info()["diffmas"]["totals"]
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("single-agent", {}), ("text-mas", {"max_new_tokens": 6})])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "stop"),  # a stop string each that ends some generations early and not others
+    [
+        ("single-agent", {}, "a"),
+        ("text-mas", {"max_new_tokens": 6}, "a"),
+        ("latent-mas", {"latent_steps": 1, "communication": "other_doc"}, "e"),
+    ],
+)
 def test_a_raised_budget_recomputes_only_the_generations_the_old_budget_cut_off(
-    name, kwargs, tiny_model_dir, adapters, tmp_path
+    name, kwargs, stop, tiny_model_dir, adapters, tmp_path
 ):
     """Greedy generations that ended before the old budget are reused at a new one; they equal a fresh run's."""
+    kwargs = {**kwargs, "batch_invariant": True}
     run = tmp_path / "run"
     run.mkdir()
+
+    def finals() -> list[dict]:
+        return [json.loads(line)["final"] for line in (run / "sidecar.jsonl").read_text().splitlines()]
+
     old = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
-    old.generate_until(_generate_requests({"until": ["a"], "max_gen_toks": 8}), disable_tqdm=True)
-    finals = [json.loads(line)["final"] for line in (run / "sidecar.jsonl").read_text().splitlines()]
-    stopped = sum(f["stopped_before_budget"] for f in finals)
+    old.generate_until(_generate_requests({"until": [stop], "max_gen_toks": 8}), disable_tqdm=True)
+    stopped = sum(f["stopped_before_budget"] for f in finals())
     assert 0 < stopped < len(QUESTIONS)  # some generations ended, others were cut off at 8 tokens
-    requests = _generate_requests({"until": ["a"], "max_gen_toks": 12})
-    raised = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
-    got = raised.generate_until(requests, disable_tqdm=True)
-    totals = raised.get_model_info()["diffmas"]["totals"]
-    assert totals["rebudgeted_requests"] == totals["reused_requests"] == stopped
-    assert got == _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / "fresh", requests, batch_size=2)
-    records = [json.loads(line) for line in (run / "sidecar.jsonl").read_text().splitlines()]
-    assert sorted(r["final"]["budget"] for r in records if "rebudgeted_from" in r) == [12] * stopped
-    # Sampled decoding depends on the seed, which depends on the budget: never reused across budgets.
-    sampled = {"until": ["a"], "max_gen_toks": 16, "do_sample": True, "temperature": 0.7}
-    for budget in (8, 16):
+    # Raised, then lowered: at 4 a stored generation serves only when it ended within 3 tokens (the first run's
+    # records, one per question, say which).
+    short = sum(f["stopped_before_budget"] and f["generated_tokens"] < 4 for f in finals())
+    assert short < stopped
+    for budget, expected in ((12, stopped), (4, short)):
+        requests = _generate_requests({"until": [stop], "max_gen_toks": budget})
         again = _make(name, kwargs, tiny_model_dir, adapters, run, batch_size=2)
-        again.generate_until(_generate_requests({**sampled, "max_gen_toks": budget}), disable_tqdm=True)
-    assert "rebudgeted_requests" not in again.get_model_info()["diffmas"]["totals"]
+        got = again.generate_until(requests, disable_tqdm=True)
+        totals = again.get_model_info()["diffmas"]["totals"]
+        assert totals.get("rebudgeted_requests", 0) == totals.get("reused_requests", 0) == expected
+        fresh = _fresh_run(name, kwargs, tiny_model_dir, adapters, tmp_path / f"fresh-{budget}", requests, 2)
+        assert got == fresh
+    records = [json.loads(line) for line in (run / "sidecar.jsonl").read_text().splitlines()]
+    assert sorted(r["final"]["budget"] for r in records if "rebudgeted_from" in r) == [4] * short + [12] * stopped
+    # Without batch-invariant kernels a row's output may depend on its batch: reused across budgets at batch 1 only.
+    stock = {k: v for k, v in kwargs.items() if k != "batch_invariant"}
+    for batch_size, reused in ((2, False), (1, True)):
+        for budget in (8, 16):
+            plain = _make(name, stock, tiny_model_dir, adapters, run, batch_size=batch_size)
+            plain.generate_until(_generate_requests({"until": [stop], "max_gen_toks": budget}), disable_tqdm=True)
+        assert ("rebudgeted_requests" in plain.get_model_info()["diffmas"]["totals"]) is reused
+
+
+def test_sampled_generations_are_never_reused_across_budgets(tiny_model_dir, adapters, tmp_path):
+    """A sampled generation's seed depends on its request, budget included: an early-ended one is not reused."""
+    sampled = {"until": ["a"], "do_sample": True, "temperature": 0.7}
+    first = _make("single-agent", {"batch_invariant": True}, tiny_model_dir, adapters, tmp_path, batch_size=2)
+    first.generate_until(_generate_requests({**sampled, "max_gen_toks": 8}), disable_tqdm=True)
+    finals = [json.loads(line)["final"] for line in (tmp_path / "sidecar.jsonl").read_text().splitlines()]
+    assert any(f["stopped_before_budget"] for f in finals)  # something a greedy run would have reused
+    again = _make("single-agent", {"batch_invariant": True}, tiny_model_dir, adapters, tmp_path, batch_size=2)
+    again.generate_until(_generate_requests({**sampled, "max_gen_toks": 16}), disable_tqdm=True)
+    assert "reused_requests" not in again.get_model_info()["diffmas"]["totals"]
 
 
 def test_loglikelihood_resumes_from_the_sidecar(tiny_model_dir, adapters, tmp_path):

@@ -424,6 +424,7 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
     (other_file,) = other.glob("results_*.json")
     data = json.loads(other_file.read_text())
     data["config"]["gen_kwargs"] = {"max_gen_toks": 1024}
+    data["configs"]["mas_gsm8k"]["generation_kwargs"]["max_gen_toks"] = 1024  # as lm-eval records the merged value
     data["date"] += 60
     data["results"] = {"mas_gsm8k": data["results"]["mas_gsm8k"]}
     other_file.write_text(json.dumps(data))
@@ -431,7 +432,7 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
         stray.unlink()
     (other_sidecar,) = other.glob("sidecar_*.jsonl")
     other_sidecar.write_text("".join(json.dumps(dict(x, final={**x["final"], "budget": 1024})) + "\n" for x in lines))
-    both = build_report([work, other])
+    both = build_report([work, other, FIXTURES / "good" / "results-a"])
     (settings,) = set(_row(both.tables["leaderboard"], method="latent-mas")["settings"])
     assert "max_gen_toks per task" in settings
     stability = _row(both.tables["stability"], method="latent-mas")
@@ -440,6 +441,12 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
         "mas_arc_easy": "512",
         "mas_humaneval_plus": "512",
     }
+    # The single agent ran GSM8K at 512 only: the pairing across budgets is made, and says so.
+    paired = _row(both.tables["paired"], method="latent-mas", task="mas_gsm8k", vs_method="single-agent")
+    assert list(paired["versus"].str.endswith("(its budget 512, ours 1024)")) == [True]
+    assert any("at another budget" in w for w in both.warnings)
+    same = _row(both.tables["paired"], method="latent-mas", task="mas_arc_easy", vs_method="single-agent")
+    assert not same["versus"].str.contains("budget").any()
 
 
 def test_settings_labels_name_neuromas_graphs_and_adapters_by_fingerprint():

@@ -186,6 +186,9 @@ def test_a_task_can_have_its_own_decoding_and_a_budget_change_says_what_to_keep(
     assert pieces["mas_medqa", "greedy"].limit == 30 and pieces["mas_gsm8k", "greedy"].limit == 20
     assert pieces["mas_gsm8k", "greedy"].gen_kwargs == {"max_gen_toks": 512}
     assert pieces["mas_medqa", "sampled"].gen_kwargs == {"max_gen_toks": 64, "do_sample": True}  # the run's wins
+    config["tasks"]["mas_gsm8k"] = {"limit": 20, "gen_kwargs": None}  # nothing of its own
+    (piece,) = plan(load_config(_write(tmp_path, config)), tmp_path / "out", only=["greedy"], tasks=["mas_gsm8k"])
+    assert piece.gen_kwargs == {"max_gen_toks": 512} and piece.limit == 20
     command = pieces["mas_medqa", "greedy"].command()
     assert command[command.index("--gen_kwargs") + 1] == "max_gen_toks=1024"
     budget = _piece_with_results(
@@ -205,6 +208,7 @@ def test_a_task_can_have_its_own_decoding_and_a_budget_change_says_what_to_keep(
         ({"gen_kwargs": "max_gen_toks=9"}, "a mapping with"),
         (0, "positive"),
         ({"limit": "all"}, "positive"),
+        ({"gen_kwargs": {"until": ["\n\n"]}}, "single values"),  # `--gen_kwargs k=v,...` cannot carry a list
     ],
 )
 def test_bad_task_entries_fail_with_one_clear_error(tmp_path, entry, message):

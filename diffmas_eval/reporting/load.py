@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from diffmas_eval.reporting.taxonomy import OTHER_DOMAIN, headline_metric, secondary_metrics, task_domain
-from diffmas_eval.settings import parsed_args, split_budget
+from diffmas_eval.settings import parsed_args, split_budget, task_budget
 
 # Fields of config.diffmas that describe *how* a run was executed, not *what* was run: everything else a method records
 # (`Method.settings()`) is its identity. Totals, side-car path, package version and seed are not part of the
@@ -95,6 +95,9 @@ class TaskResult:
     n_original: int | None
     samples: pd.DataFrame | None = None  # columns: doc_id, doc_hash, <metric>... one row per document
     sidecar: pd.DataFrame | None = None  # one row per document: per-problem cost and stopping (see _sidecar_frame)
+    # The final agent's token budget (`settings.task_budget`), None for a task that does not generate. A property of
+    # the task, like its prompt: not part of the run's identity, so one row may give each task its own budget.
+    budget: int | None = None
 
 
 @dataclass
@@ -110,9 +113,6 @@ class Run:
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     totals: dict[str, float] | None = None
     all_task_counts: dict[str, Any] = field(default_factory=dict)  # every task the file lists, usable or not
-    # The final agent's token budget (`max_gen_toks` of the decoding), or None when the file does not set one. A task
-    # property, like its prompt: not part of `identity`, so a row may give each task its own budget.
-    budget: int | None = None
 
     @property
     def identity_key(self) -> str:
@@ -244,7 +244,6 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
     if totals is not None and not (_number(totals.get("requests")) or 0) > 0:
         totals = None  # nothing was counted (e.g. an older backend): no cost rather than zeros
     run = Run(path=path, date=date, source=source, identity=identity, seed=seed, limit=limit, totals=totals)
-    run.budget = split_budget(config.get("gen_kwargs"))[1]
 
     groups = {name for name, children in (data.get("group_subtasks") or {}).items() if children}
     groups |= set(data.get("groups") or {})
@@ -260,12 +259,13 @@ def read_run(path: Path, log: WarningLog) -> Run | None:
             continue
         result = _read_task(path, task, res, n_samples.get(task), log)
         if result is not None:
+            result.budget = task_budget(data, task)
             run.tasks[task] = result
     if not run.tasks:
         log.warn(path, "no usable task results; file skipped")
         return None
     _attach_samples(run, data.get("task_hashes") or {}, log)
-    _attach_sidecar(run, diffmas.get("sidecars") or diffmas.get("sidecar"), log, diffmas.get("run_key"), run.budget)
+    _attach_sidecar(run, diffmas.get("sidecars") or diffmas.get("sidecar"), log, diffmas.get("run_key"))
     return run
 
 
@@ -398,13 +398,11 @@ def _resolve_sidecar(run: Run, declared: str) -> Path | None:
     return None
 
 
-def _attach_sidecar(
-    run: Run, declared: Any, log: WarningLog, run_key: str | None = None, budget: int | None = None
-) -> None:
+def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | None = None) -> None:
     """Per-document cost and stopping from the backend's side-car JSONL (see TEAM.md for its line format).
 
-    A side-car can hold generations under several final-agent budgets (a task's budget raised, its generations that
-    ended early reused): only those under `budget`, the results file's, count."""
+    A side-car can hold a task's generations under several final-agent budgets (its budget raised, the generations
+    that ended early reused): only those under the budget the task ran with here count."""
     if not declared:
         return
     paths = []
@@ -431,8 +429,8 @@ def _attach_sidecar(
             # A side-car can hold several runs (resumed or re-configured): this run's lines, the last per request.
             if run_key and record.get("run_key") not in (None, run_key):
                 continue
-            recorded_budget = (record.get("final") or {}).get("budget")
-            if budget is not None and recorded_budget not in (None, budget):
+            budget = getattr(run.tasks.get(record.get("task")), "budget", None)
+            if budget is not None and (record.get("final") or {}).get("budget") not in (None, budget):
                 continue
             records[record.get("store_key") or line_no] = record
         for record in records.values():

@@ -153,7 +153,7 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
         row.run = run
     for row in rows.values():
         multi_seed = len(seeds_per_config[row.run.identity_key]) > 1
-        budgets = tuple(sorted({run.budget for run, _ in row.entries.values()} - {None}))
+        budgets = tuple(sorted({result.budget for _, result in row.entries.values()} - {None}))
         row.settings = ", ".join(_settings(row.run, with_seed=multi_seed, with_date=all_runs, budgets=budgets))
     _disambiguate(list(rows.values()))
     method_rank = {m: i for i, m in enumerate(method_order())}
@@ -380,7 +380,11 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
             rec["generated_tokens"] / ref["generated_tokens"] if ref["generated_tokens"] else math.nan
         )
         frame.at[i, "seconds_vs_single"] = rec["seconds"] / ref["seconds"] if ref["seconds"] else math.nan
-        frame.at[i, "single_agent_row"] = rows[int(ref["row"])].short_label()
+        label = rows[int(ref["row"])].short_label()
+        ours, theirs = (rows[int(r)].entries.get(rec["task"]) for r in (rec["row"], ref["row"]))
+        if ours is not None and theirs is not None and ours[1].budget != theirs[1].budget:
+            label += f" (its budget {theirs[1].budget}, ours {ours[1].budget})"
+        frame.at[i, "single_agent_row"] = label
     return frame
 
 
@@ -407,9 +411,22 @@ def reference_rows(rows: list[Row], row: Row, method: str) -> list[Row]:
     return sorted(candidates, key=lambda r: _reference_score(r, row), reverse=True)
 
 
+def _same_budget_first(references: list[Row], task: str, budget: int | None) -> list[Row]:
+    """`references` (best match first) with those that ran `task` at `budget` moved ahead: a paired or cost comparison
+    between two final-agent budgets is made only when no reference ran the task at this one."""
+
+    def other_budget(ref: Row) -> bool:
+        entry = ref.entries.get(task)
+        return entry is not None and entry[1].budget != budget
+
+    return sorted(references, key=other_budget)
+
+
 def _reference_cost(frame: pd.DataFrame, rows: list[Row], rec: pd.Series) -> pd.Series | None:
     row = rows[int(rec["row"])]
-    for ref in reference_rows(rows, row, "single-agent"):
+    entry = row.entries.get(rec["task"])
+    budget = entry[1].budget if entry is not None else None
+    for ref in _same_budget_first(reference_rows(rows, row, "single-agent"), rec["task"], budget):
         match = frame[(frame["row"] == rows.index(ref)) & (frame["task"] == rec["task"])]
         if not match.empty:
             return match.iloc[0]
@@ -464,7 +481,7 @@ def stability_table(rows: list[Row], cost: pd.DataFrame) -> pd.DataFrame:
                     **row.labels(),
                     "task": task,
                     "n": result.n,
-                    "budget": NA if run.budget is None or pd.isna(stopped) else str(run.budget),
+                    "budget": NA if result.budget is None else str(result.budget),
                     "stopped before budget": _pct(None if pd.isna(stopped) else float(stopped)),
                     "stopping source": source if not pd.isna(stopped) else NA,
                     "extractable answer": _pct(extracted.value if extracted else None),
@@ -564,11 +581,12 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
             for ref_method in ("single-agent", "latent-mas", LORA_CONTROL):
                 if row.kind == "method" and row.method in ("single-agent", ref_method):
                     continue  # the references themselves: their comparisons appear from the other side
-                references = (
+                candidates = (
                     lora_control_rows(rows, row)
                     if ref_method == LORA_CONTROL
                     else reference_rows(rows, row, ref_method)
                 )
+                references = _same_budget_first(candidates, task, result.budget)
                 compared_adapters: set[str] = set()
                 for ref in references:
                     ref_result = ref.entries.get(task, (None, None))[1]
@@ -581,11 +599,15 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                         log.warn(ref.entries[task][0].path, f"task {task}: no document shared with {row.short_label()}")
                         continue
                     cmp = paired_compare(joined[metric].to_numpy(), joined[f"{metric}_ref"].to_numpy())
+                    versus = ref.short_label()
+                    if ref_result.budget != result.budget:  # only when no reference ran the task at our budget
+                        versus += f" (its budget {ref_result.budget}, ours {result.budget})"
+                        log.warn(row.run.path, f"task {task}: compared with {ref.short_label()} at another budget")
                     records.append(
                         {
                             **row.labels(),
                             "task": task,
-                            "versus": ref.short_label(),
+                            "versus": versus,
                             "vs_method": ref_method,
                             "shared docs": cmp.n,
                             "ours": _pct(cmp.mean_a),
