@@ -1,0 +1,1 @@
+diffmas-eval --model single-agent --model_args dtype=bfloat16,seed=1234,batch_invariant=True,pretrained=qwen2.5-coder-0.5b-instruct,sidecar=results/qwen-cpu/single-agent/mas_mbpp_plus/sidecar.jsonl --tasks mas_mbpp_plus --batch_size 8 --output_path results/qwen-cpu/single-agent/mas_mbpp_plus --gen_kwargs max_gen_toks=512 --limit 378 --log_samples --confirm_run_unsafe_code
