@@ -434,7 +434,7 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
     other_sidecar.write_text("".join(json.dumps(dict(x, final={**x["final"], "budget": 1024})) + "\n" for x in lines))
     both = build_report([work, other, FIXTURES / "good" / "results-a"])
     (settings,) = set(_row(both.tables["leaderboard"], method="latent-mas")["settings"])
-    assert "max_gen_toks per task" in settings
+    assert "max_gen_toks=512/1024 by task" in settings
     stability = _row(both.tables["stability"], method="latent-mas")
     assert dict(zip(stability["task"], stability["budget"], strict=True)) == {
         "mas_gsm8k": "1024",

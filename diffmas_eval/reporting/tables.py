@@ -120,7 +120,7 @@ def _settings(run: Run, *, with_seed: bool, with_date: bool, budgets: tuple[int,
         parts.append(f"max_new={ident['max_new_tokens']}")
     decoding = []
     if budgets:
-        decoding.append(f"max_gen_toks={budgets[0]}" if len(budgets) == 1 else "max_gen_toks per task")
+        decoding.append(f"max_gen_toks={'/'.join(map(str, budgets))}" + (" by task" if len(budgets) > 1 else ""))
     if ident.get("decoding"):
         # Compact `k=v` pairs: the same information as lm-eval's gen_kwargs dict, short enough for a plot legend.
         extra = ident["decoding"]
