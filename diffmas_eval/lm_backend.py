@@ -432,7 +432,7 @@ class MultiAgentLM(LM):
         """
         _, context, gen_kwargs, answer_format, seed, request, store_key, partner, occurrence = item
         name = next((k for k in BUDGET_KEYS if k in gen_kwargs), None)
-        if name is None or not self._batch_independent():
+        if not self._budgets or name is None or not self._batch_independent():
             return None
         decoding = DecodingConfig.from_gen_kwargs(gen_kwargs, self.max_gen_toks)
         if decoding.sampling:
