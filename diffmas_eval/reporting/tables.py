@@ -380,10 +380,10 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
             rec["generated_tokens"] / ref["generated_tokens"] if ref["generated_tokens"] else math.nan
         )
         frame.at[i, "seconds_vs_single"] = rec["seconds"] / ref["seconds"] if ref["seconds"] else math.nan
-        label = rows[int(ref["row"])].short_label()
         ours, theirs = (rows[int(r)].entries.get(rec["task"]) for r in (rec["row"], ref["row"]))
-        if ours is not None and theirs is not None and ours[1].budget != theirs[1].budget:
-            label += f" (its budget {theirs[1].budget}, ours {ours[1].budget})"
+        label = rows[int(ref["row"])].short_label()
+        if ours is not None and theirs is not None:
+            label += _budget_note(ours[1], theirs[1])
         frame.at[i, "single_agent_row"] = label
     return frame
 
@@ -409,6 +409,11 @@ def reference_rows(rows: list[Row], row: Row, method: str) -> list[Row]:
         and (method != "latent-mas" or r.topology == row.topology or not row.topology)
     ]
     return sorted(candidates, key=lambda r: _reference_score(r, row), reverse=True)
+
+
+def _budget_note(ours: TaskResult, theirs: TaskResult) -> str:
+    """What a comparison's reference label adds when the two cells ran at different final-agent budgets."""
+    return "" if ours.budget == theirs.budget else f" (its budget {theirs.budget}, ours {ours.budget})"
 
 
 def _same_budget_first(references: list[Row], task: str, budget: int | None) -> list[Row]:
@@ -599,9 +604,8 @@ def paired_table(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                         log.warn(ref.entries[task][0].path, f"task {task}: no document shared with {row.short_label()}")
                         continue
                     cmp = paired_compare(joined[metric].to_numpy(), joined[f"{metric}_ref"].to_numpy())
-                    versus = ref.short_label()
+                    versus = ref.short_label() + _budget_note(result, ref_result)
                     if ref_result.budget != result.budget:  # only when no reference ran the task at our budget
-                        versus += f" (its budget {ref_result.budget}, ours {result.budget})"
                         log.warn(row.run.path, f"task {task}: compared with {ref.short_label()} at another budget")
                     records.append(
                         {
