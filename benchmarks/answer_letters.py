@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +36,27 @@ from diffmas_eval.slim import generations, gold_letter
 def _latest(directory: Path, pattern: str) -> Path | None:
     found = sorted(directory.glob(pattern), key=lambda path: path.name)
     return found[-1] if found else None
+
+
+def _cells(results: Path) -> dict[tuple[str, str], list[Path]]:
+    """(run, task) -> the newest samples file of each of its pieces: `OUT/<run>/<task>/<model>/` for a whole task,
+    `OUT/<run>/<task>/docs-<first>-<end>/<model>/` for each part of a run evaluated in parts."""
+    cells = defaultdict(list)
+    for pattern, task_level in (("*/*/*/samples_*.jsonl", 1), ("*/*/docs-*/*/samples_*.jsonl", 2)):
+        for samples in sorted(results.glob(pattern)):
+            task_dir = samples.parents[task_level]
+            if samples == _latest(samples.parent, f"samples_{task_dir.name}_*.jsonl"):
+                cells[task_dir.parent.name, task_dir.name].append(samples)
+    return dict(sorted(cells.items()))
+
+
+def _run_key_and_budget(directory: Path, task: str) -> tuple[str | None, int | None]:
+    """The run key and the task's final-agent budget its newest results file records (None, None without one)."""
+    result_file = _latest(directory, "results_*.json")
+    if result_file is None:
+        return None, None
+    results = json.loads(result_file.read_text())
+    return ((results.get("config") or {}).get("diffmas") or {}).get("run_key"), task_budget(results, task)
 
 
 def _distribution(letters: list[str]) -> str:
@@ -63,14 +84,14 @@ def answered_letters(piece: Path, task: str, run_key: str | None, budget: int | 
 def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per task and n: gold distribution and constant-answer baseline; per piece: accuracy and answered letters)."""
     baselines, pieces = {}, []
-    for samples in sorted(results.glob("*/*/*/samples_*.jsonl")):
-        piece, run, task = samples.parent.parent, samples.parent.parent.parent.name, samples.parent.parent.name
-        if tasks and task not in tasks or samples != _latest(samples.parent, f"samples_{task}_*.jsonl"):
+    for (run, task), files in _cells(results).items():
+        if tasks and task not in tasks:
             continue
-        gold = gold_letters(samples)
-        if not gold:
+        golds = [gold_letters(samples) for samples in files]
+        if not all(golds):
             continue
-        lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+        gold = {doc: letter for part in golds for doc, letter in part.items()}
+        lines = [json.loads(line) for samples in files for line in samples.read_text(encoding="utf-8").splitlines()]
         scores = {int(s["doc_id"]): s.get("acc") for s in lines}
         counts = Counter(gold.values())
         top, top_count = counts.most_common(1)[0]
@@ -80,17 +101,12 @@ def letters_table(results: Path, tasks: list[str] | None = None) -> tuple[pd.Dat
             "gold letters (%)": _distribution(list(gold.values())),
             "always the commonest letter": f"{top} {100 * top_count / len(gold):.1f}",
         }
-        result_file = _latest(samples.parent, "results_*.json")
-        run_key = budget = None
-        if result_file is not None:
-            results = json.loads(result_file.read_text())
-            run_key = ((results.get("config") or {}).get("diffmas") or {}).get("run_key")
-            budget = task_budget(results, task)
         source, answered = "", {}
         if not task.endswith("_mc") and all("answer" in s for s in lines):
             source, answered = "samples", {int(s["doc_id"]): s["answer"] for s in lines}
         elif not task.endswith("_mc"):
-            answered = answered_letters(piece, task, run_key, budget)
+            for samples in files:
+                answered |= answered_letters(samples.parent.parent, task, *_run_key_and_budget(samples.parent, task))
             answered = {doc: letter for doc, letter in answered.items() if doc in gold}
             source = "text here" if answered else ""
         row = {"run": run, "task": task, "n": len(gold), "acc": 100 * sum(scores.values()) / len(scores)}

@@ -1,12 +1,12 @@
 """How far a `diffmas-eval reproduce` config has got, and what the rest costs at the rates its pieces measured.
 
-For each (run, task) piece of the config: the documents its committed results cover (the largest finished limit), the
-target, the seconds per document the piece measured (its results' `wall_seconds` over its requests), and the
-evaluation hours left at that rate. A piece never run has no rate of its own; it is costed at the same run's mean
-rate over its other pieces of the same request kind (generation or letter scoring), else at the mean of the runs of the
-same method (model) for that kind, else listed as unmeasured. Rates are one process's wall time, as the pieces ran
-(mostly one core each, beside one other job), on whatever machine ran them: a guide for planning sessions, not a
-benchmark.
+For each (run, task) of the config (a run evaluated in parts: its parts together): the documents its committed results
+cover (the largest finished limit), the target, the seconds per document the piece measured (its results'
+`wall_seconds` over its requests), and the evaluation hours left at that rate. A piece never run has no rate of its
+own; it is costed at the same run's mean rate over its other pieces of the same request kind (generation or letter
+scoring), else at the mean of the runs of the same method (model) for that kind, else listed as unmeasured. Rates are
+one process's wall time, as the pieces ran (mostly one core each, beside one other job), on whatever machine ran them:
+a guide for planning sessions, not a benchmark.
 
     python benchmarks/leaderboard_progress.py results/qwen-cpu.yaml [--out DIR] [--only RUN,...] [--pending]
 """
@@ -63,16 +63,22 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
                 "model": piece.model,
                 "task": piece.task,
                 "kind": "score" if piece.task.endswith(_SCORED) else "generate",
-                "target": piece.limit,
-                "done": min(done, piece.limit or done),
+                "target": piece.documents,
+                "done": min(done, piece.documents or done),
                 "s/doc": rate,
                 "rate from": "piece" if rate else None,
             }
         )
-    frame = pd.DataFrame(records)
+    # A run evaluated in parts (`part_size`): one line per (run, task), its parts' documents summed, rates averaged.
+    frame = (
+        pd.DataFrame(records)
+        .groupby(["run", "model", "task", "kind"], sort=False, as_index=False)
+        .agg({"target": "sum", "done": "sum", "s/doc": "mean", "rate from": "first"})
+    )
+    records = frame.to_dict("records")
     means = defaultdict(list)
     for rec in records:
-        if rec["s/doc"]:
+        if pd.notna(rec["s/doc"]):
             means["run", rec["run"], rec["kind"]].append(rec["s/doc"])
             means["model", rec["model"], rec["kind"]].append(rec["s/doc"])
     for i, rec in frame.iterrows():

@@ -49,6 +49,11 @@ class BackendArgs:
     seed: int = setting("Base seed; each request's seed derives from it and the request.", 1234)
     sidecar: str | None = setting("Path of the per-document JSONL (default: a unique file in the user cache).")
     max_length: int | None = setting("Context length for loglikelihood_rolling (default: the model's).")
+    doc_offset: int = setting(
+        "Added to lm-eval's doc_id in the side-car. lm-eval numbers the documents --samples selects from 0: with a "
+        "contiguous range, give its first index, and the side-car records each document's index in the task.",
+        0,
+    )
 
 
 def _store_key(*parts: Any) -> str:
@@ -122,6 +127,7 @@ class MultiAgentLM(LM):
         self.max_gen_toks = int(args.max_gen_toks)
         self.max_length = args.max_length
         self.seed = int(args.seed)
+        self.doc_offset = int(args.doc_offset)
         self._init_distributed(args.device)
         self.method: Method = get_method(self.method_name).load(config, self._device)
         self.backbone = self.method.backbone
@@ -452,7 +458,7 @@ class MultiAgentLM(LM):
                     **record,
                     "prompt_hash": prompt_hash(context),
                     "task": getattr(request, "task_name", None),
-                    "doc_id": getattr(request, "doc_id", None),
+                    "doc_id": self._doc_id(request),
                     "final": {**final, "budget": budget},
                     "seed": seed,
                     "run_key": self._run_key,
@@ -465,6 +471,11 @@ class MultiAgentLM(LM):
                 self.totals["rebudgeted_requests"] += 1
                 return moved
         return None
+
+    def _doc_id(self, request: Any) -> int | None:
+        """The request's document index in its task (lm-eval's doc_id plus `doc_offset`), None when it has none."""
+        doc_id = getattr(request, "doc_id", None)
+        return None if doc_id is None else int(doc_id) + self.doc_offset
 
     def _batch_independent(self) -> bool:
         """Whether a row's outputs are the same in any batch (batch-invariant kernels on every backbone, or batch 1)."""
@@ -496,7 +507,7 @@ class MultiAgentLM(LM):
             "prompt_hash": prompt_hash(request.args[0]),
             "request_type": request_type,
             "task": getattr(request, "task_name", None),
-            "doc_id": getattr(request, "doc_id", None),
+            "doc_id": self._doc_id(request),
             "method": self.method_name,
             "seed": seed,
             "agents": [a.as_dict() for a in start.agents[row]],

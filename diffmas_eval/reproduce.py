@@ -13,6 +13,10 @@ A config (YAML) names a backbone, defaults, runs (method + model args) and tasks
     tasks: {mas_gsm8k: {limit: 40, gen_kwargs: {max_gen_toks: 512}}, mas_arc_easy_mc: 200}
 
 A piece's decoding is the defaults', then its task's, then its run's (a run's sampling settings apply to every task).
+A run (or a task entry) with `part_size: N` is evaluated in parts of N documents per task
+(`OUT/<run>/<task>/docs-<first>-<end>/`, lm-eval's `--samples`), for rows too slow to finish a whole task in one
+sitting: each part is a piece, committed as it finishes, and the report joins a cell's parts
+(`reporting.load.join_parts`). A run's part size overrides its task's; parts need the task's limit.
 
 Each (run, task) is one piece with its own output directory `OUT/<run>/<task>/`, evaluated by the `diffmas-eval` CLI in
 a subprocess (the exact command is written to `command.sh` there). A piece with a results file for the same limit, made
@@ -32,7 +36,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +47,16 @@ from diffmas_eval.registry import model_names
 from diffmas_eval.settings import BUDGET_KEYS, parsed_args
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
-_RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks"}
+_RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks", "part_size"}
 # Model args naming a trained artefact directory (DiffMAS / Interlat adapter, NeuroMAS adapters, C2C fuser).
 ARTEFACT_ARGS = ("adapter", "adapters", "fuser")
 _TOP_KEYS = {"name", "backbone", "defaults", "runs", "tasks", "notes", "source", "hyperparameters", "paper", "slim"}
-_TASK_KEYS = {"limit", "gen_kwargs"}
+_TASK_KEYS = {"limit", "gen_kwargs", "part_size"}
 
 
 @dataclass
 class Piece:
-    """One (run, task) evaluation."""
+    """One (run, task) evaluation, or one part of it (documents `part[0]` to `part[1] - 1`)."""
 
     run: str
     task: str
@@ -64,9 +68,20 @@ class Piece:
     directory: Path
     extra: list[str] = field(default_factory=list)
     slim: bool = False  # drop benchmark text from the finished piece's samples and side-car (`diffmas_eval.slim`)
+    part: tuple[int, int] | None = None
+
+    @property
+    def documents(self) -> int | None:
+        """How many documents this piece evaluates (None: the whole task, size unknown here)."""
+        return self.part[1] - self.part[0] if self.part else self.limit
+
+    def describe(self) -> str:
+        return f"docs {self.part[0]}-{self.part[1] - 1}" if self.part else f"limit {self.limit}"
 
     def command(self) -> list[str]:
         args = {**self.model_args, "sidecar": str(self.directory / "sidecar.jsonl")}
+        if self.part:  # lm-eval numbers the selected documents from 0: the side-car records their index in the task
+            args["doc_offset"] = self.part[0]
         command = [
             "diffmas-eval",
             "--model",
@@ -82,7 +97,9 @@ class Piece:
         ]
         if self.gen_kwargs:
             command += ["--gen_kwargs", ",".join(f"{k}={v}" for k, v in self.gen_kwargs.items())]
-        if self.limit is not None:
+        if self.part:
+            command += ["--samples", json.dumps({self.task: list(range(*self.part))}, separators=(",", ":"))]
+        elif self.limit is not None:
             command += ["--limit", str(self.limit)]
         # GPQA's authors ask that its questions never appear in plain text: no samples files for it.
         if "gpqa" not in self.task:
@@ -102,8 +119,9 @@ class Piece:
 
     def finished(self) -> bool:
         """True when a results file for this piece, at this limit, exists, made with the trained artefacts (adapter,
-        fuser) now at the run's paths: results of an artefact since retrained there do not count (`artefacts_match`)."""
-        limit = float(self.limit) if self.limit is not None else None
+        fuser) now at the run's paths: results of an artefact since retrained there do not count (`artefacts_match`).
+        A part's directory holds only that part's documents (`--samples`, no limit)."""
+        limit = float(self.limit) if self.limit is not None and not self.part else None
         artefacts = self.artefact_fingerprints()
         return any(
             config.get("limit") == limit and artefacts_match(config, artefacts) for _, config in self._results_configs()
@@ -128,7 +146,7 @@ class Piece:
         our_gen = parsed_args(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
         for path, config in self._results_configs():
             theirs = {"model": config.get("model"), **parsed_args(config.get("model_args"))}
-            differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar"))
+            differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar", "doc_offset"))
             differ += [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
             if differ:
                 hint = ""
@@ -183,6 +201,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: run {run['name']!r} has unknown model {run['model']!r}")
         if run["name"] in names:
             raise ValueError(f"{path}: run name {run['name']!r} is used twice")
+        _check_part_size(run.get("part_size"), f"{path}: run {run['name']!r}")
         stray = set(run.get("tasks") or []) - set(config["tasks"])
         if stray:  # a run's `tasks` restricts it to some of the config's tasks
             raise ValueError(f"{path}: run {run['name']!r} names tasks the config does not list: {sorted(stray)}")
@@ -200,10 +219,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
                     f"(gen_kwargs a mapping of single values, as `--gen_kwargs k=v,...` takes them), not {entry!r}"
                 )
             limit = entry.get("limit") if isinstance(entry, dict) else entry
+            _check_part_size(entry.get("part_size") if isinstance(entry, dict) else None, f"{path}: task {task!r}")
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
                 raise ValueError(f"{path}: task {task!r}: the limit must be a positive whole number, not {limit!r}")
     config["_dir"] = str(path.resolve().parent)
     return config
+
+
+def _check_part_size(part_size: Any, where: str) -> None:
+    if part_size is not None and (isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1):
+        raise ValueError(f"{where}: part_size must be a positive whole number, not {part_size!r}")
 
 
 def plan(
@@ -244,28 +269,45 @@ def plan(
     for task, entry in task_entries.items():
         if tasks and task not in tasks:
             continue
-        task_limit, task_gen = (
-            (entry.get("limit"), entry.get("gen_kwargs") or {}) if isinstance(entry, dict) else (entry, {})
+        task_limit, task_gen, task_part_size = (
+            (entry.get("limit"), entry.get("gen_kwargs") or {}, entry.get("part_size"))
+            if isinstance(entry, dict)
+            else (entry, {}, None)
         )
         piece_limit = limit if limit is not None else (task_limit if task_limit is not None else defaults.get("limit"))
         for run, model_args, batch_size in runs:
             gen_kwargs = {**(defaults.get("gen_kwargs") or {}), **task_gen, **(run.get("gen_kwargs") or {})}
             if run.get("tasks") and task not in run["tasks"]:
                 continue
-            pieces.append(
-                Piece(
-                    run=run["name"],
-                    task=task,
-                    model=run["model"],
-                    model_args=model_args,
-                    gen_kwargs=gen_kwargs,
-                    batch_size=batch_size,
-                    limit=piece_limit,
-                    directory=out / run["name"] / task,
-                    slim=config.get("slim", False),
-                )
+            piece = Piece(
+                run=run["name"],
+                task=task,
+                model=run["model"],
+                model_args=model_args,
+                gen_kwargs=gen_kwargs,
+                batch_size=batch_size,
+                limit=piece_limit,
+                directory=out / run["name"] / task,
+                slim=config.get("slim", False),
             )
+            pieces.extend(_parts(piece, run.get("part_size", task_part_size)))
     return pieces
+
+
+def _parts(piece: Piece, size: int | None) -> list[Piece]:
+    """The piece itself, or its parts of `size` documents each (the last may be shorter)."""
+    if size is None:
+        return [piece]
+    if piece.limit is None:
+        raise ValueError(
+            f"run {piece.run!r}, task {piece.task!r}: part_size {size} but no limit: give the task's size as its limit "
+            "in the config (or --limit), so the parts can be planned"
+        )
+    return [
+        replace(piece, part=(first, end), directory=piece.directory / f"docs-{first}-{end}")
+        for first in range(0, piece.limit, size)
+        for end in [min(first + size, piece.limit)]
+    ]
 
 
 @contextlib.contextmanager
@@ -352,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for number, piece in enumerate(pieces, 1):
         status = "done" if piece.finished() else "todo"
-        print(f"[{number}/{len(pieces)}] {piece.run} / {piece.task} (limit {piece.limit}): {status}", flush=True)
+        print(f"[{number}/{len(pieces)}] {piece.run} / {piece.task} ({piece.describe()}): {status}", flush=True)
         if args.dry_run:
             print("   ", shlex.join(piece.command()))
             continue

@@ -10,12 +10,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _piece(out: Path, run: str, task: str, gold: list[str], answers: list[str] | None, run_key: str = "k") -> None:
-    model_dir = out / run / task / "m"
+def _piece(
+    out: Path,
+    run: str,
+    task: str,
+    gold: list[str],
+    answers: list[str] | None,
+    run_key: str = "k",
+    first: int | None = None,
+) -> None:
+    """A piece's committed files (and its kept text when `answers`); with `first`, the part of a run evaluated in
+    parts whose documents start there (`docs-<first>-<end>/`)."""
+    piece = out / run / task / (f"docs-{first}-{first + len(gold)}" if first is not None else "")
+    first = first or 0
+    model_dir = piece / "m"
     model_dir.mkdir(parents=True)
     samples = []
-    for doc_id, letter in enumerate(gold):
-        answered = answers[doc_id] if answers else letter
+    for doc_id, letter in enumerate(gold, start=first):
+        answered = answers[doc_id - first] if answers else letter
         samples.append(
             {
                 "doc_id": doc_id,
@@ -29,11 +41,11 @@ def _piece(out: Path, run: str, task: str, gold: list[str], answers: list[str] |
         return
     records = [
         {"task": task, "doc_id": i, "request_type": "generate_until", "run_key": run_key, "result": f"\\boxed{{{a}}}"}
-        for i, a in enumerate(answers)
+        for i, a in enumerate(answers, start=first)
     ]
     # a line of another run configuration, which must not count
     records.append({**records[0], "run_key": "other", "result": "\\boxed{D}"})
-    (out / run / task / ".sidecar.full.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (piece / ".sidecar.full.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
 def test_constant_baseline_and_answered_letters(tmp_path):
@@ -91,3 +103,14 @@ def test_letters_kept_in_the_samples_give_the_table_the_text_gives(tmp_path):
     columns = [c for c in from_text.columns if c != "answers from"]
     assert from_text[columns].equals(from_samples[columns])
     assert answers_from_full_copies([tmp_path / "samples"]) == {file: "has its answers already" for file in outcomes}
+
+
+def test_a_run_evaluated_in_parts_is_one_row(tmp_path):
+    """The parts of a run (`docs-<first>-<end>/` pieces) give the row a whole evaluation of the same documents gives."""
+    letters_table = runpy.run_path(str(REPO / "benchmarks" / "answer_letters.py"))["letters_table"]
+    gold, answers = ["A", "B", "C", "C", "D"], ["A", "D", "C", "B", "D"]
+    _piece(tmp_path / "whole", "r", "mas_openbookqa", gold, answers)
+    _piece(tmp_path / "parts", "r", "mas_openbookqa", gold[:2], answers[:2], first=0)
+    _piece(tmp_path / "parts", "r", "mas_openbookqa", gold[2:], answers[2:], first=2)
+    whole, parts = letters_table(tmp_path / "whole"), letters_table(tmp_path / "parts")
+    assert whole[0].equals(parts[0]) and whole[1].equals(parts[1]) and parts[1]["n"].tolist() == [5]

@@ -46,3 +46,16 @@ def test_progress_counts_pieces_of_the_current_artefacts_and_costs_the_rest_at_m
     assert frame.loc[("d", "t_a"), "done"] == 0 and frame.loc[("d", "t_a"), "s/doc"] == 3.0
     assert frame.loc[("never", "t_a"), "s/doc"] != frame.loc[("never", "t_a"), "s/doc"]  # NaN: never measured
     assert frame.loc[("sa", "t_mc"), "s/doc"] != frame.loc[("sa", "t_mc"), "s/doc"]  # no scoring rate measured
+
+
+def test_a_run_evaluated_in_parts_is_one_line_with_its_finished_parts_documents(tmp_path):
+    progress = runpy.run_path(str(REPO / "benchmarks" / "leaderboard_progress.py"))["progress"]
+    config = {"name": "p", "runs": [{"name": "tm", "model": "text-mas", "part_size": 4}], "tasks": {"t_a": 10}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    _results(out / "tm" / "t_a" / "docs-0-4" / "m", "x", limit=4, seconds=40.0)  # 10 s per document
+    _results(out / "tm" / "t_a" / "docs-8-10" / "m", "x", limit=2, seconds=40.0)  # 20 s per document
+    (line,) = progress(path, out).to_dict("records")
+    assert (line["target"], line["done"], line["s/doc"]) == (10, 6, 15.0)
+    assert abs(line["hours left"] - 4 * 15.0 / 3600) < 1e-12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -447,6 +448,72 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
     assert any("at another budget" in w for w in both.warnings)
     same = _row(both.tables["paired"], method="latent-mas", task="mas_arc_easy", vs_method="single-agent")
     assert not same["versus"].str.contains("budget").any()
+
+
+def _split_into_parts(source: Path, work: Path, cuts: dict[str, int], *, budget: int | None = None) -> None:
+    """Rewrite a results file (one run) as two parts, as `reproduce` writes a run evaluated in parts: the documents
+    below each task's cut in `work/low/`, the rest in `work/high/` (a later run), each with its samples, its side-car
+    lines and its own counts, aggregates and task hashes. `budget` gives the high part another final-agent budget."""
+    (results_file,) = source.glob("results_*.json")
+    data = json.loads(results_file.read_text())
+    (sidecar,) = source.glob("sidecar_*.jsonl")
+    records = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    halves = (("low", lambda t, d: d < cuts[t]), ("high", lambda t, d: d >= cuts[t]))
+    for number, (name, keep) in enumerate(halves):
+        part = json.loads(json.dumps(data))
+        stamp = f"2026-01-01T12-0{number}-00.000000"
+        part["date"] += 3600 + 60 * number
+        part["config"]["diffmas"]["sidecar"] = f"sidecar_{stamp}.jsonl"
+        if budget is not None and name == "high":
+            part["config"]["gen_kwargs"] = {"max_gen_toks": budget}
+            for task in part["configs"]:
+                part["configs"][task].setdefault("generation_kwargs", {})["max_gen_toks"] = budget
+        directory = work / name
+        directory.mkdir(parents=True)
+        for task in data["results"]:
+            (samples_file,) = source.glob(f"samples_{task}_*.jsonl")
+            lines = [json.loads(line) for line in samples_file.read_text().splitlines()]
+            lines = [line for line in lines if keep(task, line["doc_id"])]
+            (directory / f"samples_{task}_{stamp}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            part["n-samples"][task]["effective"] = len(lines)
+            part["task_hashes"][task] = hashlib.sha256(
+                "".join(x["doc_hash"] + x["prompt_hash"] + x["target_hash"] for x in lines).encode()
+            ).hexdigest()
+            for metric in [m for m in lines[0]["metrics"] if f"{m},none" in part["results"][task]]:
+                values = [float(x[metric]) for x in lines]
+                part["results"][task][f"{metric},none"] = sum(values) / len(values)
+        kept = [r for r in records if keep(r["task"], r["doc_id"])]
+        (directory / f"sidecar_{stamp}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        (directory / f"results_{stamp}.json").write_text(json.dumps(part))
+
+
+def test_a_run_evaluated_in_parts_is_one_cell_equal_to_the_run_evaluated_whole(tmp_path):
+    """`reproduce` evaluates a slow run in parts of a task's documents; the report joins the parts of one
+    configuration into one cell: score, stderr and n, paired comparisons and cost are those of the whole run."""
+    whole = build_report([GOOD / "results-b", GOOD / "results-a"])
+    cuts = {"mas_gsm8k": 4, "mas_arc_easy": 7, "mas_humaneval_plus": 3}
+    _split_into_parts(GOOD / "results-b", tmp_path / "parts", cuts)
+    joined = build_report([tmp_path / "parts", GOOD / "results-a"])
+    assert joined.tables["leaderboard"].equals(whole.tables["leaderboard"])
+    assert joined.tables["paired"].equals(whole.tables["paired"])
+    columns = ["task", "problems", "generated tokens / problem", "seconds / problem"]
+    assert joined.tables["cost"][columns].equals(whole.tables["cost"][columns])
+    assert joined.tables["stability"].equals(whole.tables["stability"])
+    assert not any("superseded" in w for w in joined.warnings)
+    cell = _row(joined.tables["leaderboard"], method="latent-mas")["mas_gsm8k"].item()
+    assert "(n=10)" in cell and "†" not in cell
+
+
+def test_parts_that_share_documents_or_differ_in_budget_are_not_joined(tmp_path):
+    """Results that share documents are a rerun, not parts: the newer supersedes the older, as before. Parts at
+    different final-agent budgets are not joined either: the newer supersedes."""
+    cuts = {"mas_gsm8k": 4, "mas_arc_easy": 4, "mas_humaneval_plus": 3}
+    _split_into_parts(GOOD / "results-b", tmp_path / "budget", cuts, budget=1024)
+    _split_into_parts(GOOD / "results-b", tmp_path / "same", cuts)
+    for directories in ([tmp_path / "budget"], [GOOD / "results-b", tmp_path / "same" / "high"]):
+        rep = build_report(directories)
+        assert "(n=6)" in _row(rep.tables["leaderboard"], method="latent-mas")["mas_gsm8k"].item()
+        assert any("task mas_gsm8k superseded" in w for w in rep.warnings)
 
 
 def test_settings_labels_name_neuromas_graphs_and_adapters_by_fingerprint():

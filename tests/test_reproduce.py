@@ -83,6 +83,8 @@ def test_gpqa_pieces_never_log_samples(tmp_path):
         ({"runs": [{"name": "a", "model": "diffmas", "colour": 1}], "tasks": ["t"]}, "allowed keys"),
         ({"runs": [{"name": "a", "model": "diffmas"}], "tasks": ["t"], "tsks": 1}, "unknown keys"),
         ({"runs": [{"name": "a", "model": "diffmas", "tasks": ["u"]}], "tasks": ["t"]}, "does not list"),
+        ({"runs": [{"name": "a", "model": "text-mas", "part_size": 0}], "tasks": ["t"]}, "part_size must be"),
+        ({"runs": [{"name": "a", "model": "text-mas", "part_size": "32"}], "tasks": ["t"]}, "part_size must be"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_error(tmp_path, config, message):
@@ -209,12 +211,90 @@ def test_a_task_can_have_its_own_decoding_and_a_budget_change_says_what_to_keep(
         (0, "positive"),
         ({"limit": "all"}, "positive"),
         ({"gen_kwargs": {"until": ["\n\n"]}}, "single values"),  # `--gen_kwargs k=v,...` cannot carry a list
+        ({"limit": 10, "part_size": 2.5}, "part_size must be"),
     ],
 )
 def test_bad_task_entries_fail_with_one_clear_error(tmp_path, entry, message):
     config = {"runs": [{"name": "a", "model": "single-agent"}], "tasks": {"mas_gsm8k": entry}}
     with pytest.raises(ValueError, match=message):
         load_config(_write(tmp_path, config))
+
+
+def test_a_run_with_a_part_size_is_planned_in_parts_of_its_tasks_documents(tmp_path):
+    config = {
+        "runs": [
+            {"name": "whole", "model": "single-agent"},
+            {"name": "slow", "model": "text-mas", "part_size": 4, "tasks": ["mas_gsm8k"]},
+        ],
+        "tasks": {"mas_gsm8k": 10, "mas_arc_easy_mc": None},
+    }
+    pieces = plan(load_config(_write(tmp_path, config)), tmp_path / "out")
+    parts = [p for p in pieces if p.run == "slow"]
+    assert [p.part for p in parts] == [(0, 4), (4, 8), (8, 10)] and [p.documents for p in parts] == [4, 4, 2]
+    assert [p.directory.name for p in parts] == ["docs-0-4", "docs-4-8", "docs-8-10"]
+    assert all(p.directory.parent == tmp_path / "out" / "slow" / "mas_gsm8k" for p in parts)
+    command = parts[2].command()
+    assert "--limit" not in command and json.loads(command[command.index("--samples") + 1]) == {"mas_gsm8k": [8, 9]}
+    assert "doc_offset=8" in command[command.index("--model_args") + 1]
+    (whole,) = [p for p in pieces if p.run == "whole" and p.task == "mas_gsm8k"]
+    assert whole.part is None and "--samples" not in whole.command() and "doc_offset" not in " ".join(whole.command())
+    # A part is done when its own directory holds its results (lm-eval records no limit for --samples); the offset
+    # in the recorded model args is not a changed setting.
+    results = parts[1].directory / "model" / "results_x.json"
+    results.parent.mkdir(parents=True)
+    recorded = {"model": "text-mas", "model_args": "doc_offset=4", "limit": None}
+    results.write_text(json.dumps({"config": recorded}))
+    assert parts[1].finished() and parts[1].conflict() is None
+    assert not parts[0].finished() and not parts[2].finished()
+    # A task's part size applies to every run of it; a run's own overrides it.
+    config["tasks"]["mas_gsm8k"] = {"limit": 10, "part_size": 5}
+    by_run: dict = {}
+    for piece in plan(load_config(_write(tmp_path, config)), tmp_path / "out"):
+        by_run.setdefault(piece.run, []).append(piece.part)
+    assert by_run == {"whole": [(0, 5), (5, 10), None], "slow": [(0, 4), (4, 8), (8, 10)]}
+    # Parts need the task's size.
+    config["runs"][1]["tasks"] = ["mas_arc_easy_mc"]
+    with pytest.raises(ValueError, match="task 'mas_arc_easy_mc': part_size 4 but no limit"):
+        plan(load_config(_write(tmp_path, config)), tmp_path / "out")
+
+
+def test_a_task_evaluated_in_parts_equals_the_whole_task_evaluated_at_once(tiny_model_dir, tmp_path):
+    """Two independent runs, each from an empty directory: one whole, one in parts of 2 documents (batch 1, so no
+    document's output depends on its neighbours). The report joins the parts into one cell with the whole run's
+    score and n; every document's generation and score agree, and the side-cars record the same document indices."""
+    config = {
+        "name": "tiny",
+        "backbone": str(tiny_model_dir),
+        "defaults": {"model_args": {"dtype": "float32"}, "batch_size": 1, "gen_kwargs": {"max_gen_toks": 6}},
+        "runs": [{"name": "single-agent", "model": "single-agent"}],
+        "tasks": {"mas_gsm8k": 3},
+        "slim": True,
+    }
+    whole_path = _write(tmp_path, config)
+    (tmp_path / "parted").mkdir()
+    config["runs"][0]["part_size"] = 2
+    parted_path = _write(tmp_path / "parted", config)
+    outputs = {}
+    for name, path in (("whole", whole_path), ("parts", parted_path)):
+        done = _reproduce(path, tmp_path / name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        results = sorted((tmp_path / name).rglob("results_*.json"))
+        totals = [json.loads(r.read_text())["config"]["diffmas"]["totals"] for r in results]
+        assert all(t.get("reused_requests", 0) == 0 for t in totals)  # nothing reused: both sides computed here
+        full = [json.loads(line) for p in (tmp_path / name).rglob(".sidecar.full.jsonl") for line in p.open()]
+        samples = [json.loads(line) for r in results for s in r.parent.glob("samples_*.jsonl") for line in s.open()]
+        leaderboard = (tmp_path / name / "report" / "leaderboard.csv").read_text()
+        outputs[name] = (len(results), full, samples, leaderboard)
+    assert outputs["whole"][0] == 1 and outputs["parts"][0] == 2
+    (_, whole_full, whole_samples, whole_board), (_, part_full, part_samples, part_board) = outputs.values()
+    assert {r["doc_id"]: r["result"] for r in part_full} == {r["doc_id"]: r["result"] for r in whole_full}
+    assert sorted(r["doc_id"] for r in part_full) == [0, 1, 2]
+
+    def by_doc(samples: list[dict]) -> dict:
+        return {s["doc_id"]: (s["doc_hash"], s["acc"]) for s in samples}
+
+    assert by_doc(part_samples) == by_doc(whole_samples) and len(by_doc(whole_samples)) == 3
+    assert part_board == whole_board and "(n=3)" in whole_board
 
 
 def test_slim_must_be_a_boolean(tmp_path):

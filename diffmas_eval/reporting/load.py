@@ -16,7 +16,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,40 @@ class Run:
     def identity_key(self) -> str:
         """A stable string for grouping runs of the same configuration."""
         return json.dumps(self.identity, sort_keys=True, default=str)
+
+
+def join_parts(first: TaskResult, second: TaskResult) -> TaskResult | None:
+    """One cell from two results of one configuration on disjoint documents of a task (a run evaluated in parts,
+    `reproduce`'s `part_size`), or None when they do not join: a document in both, samples missing on either side,
+    another filter, budget or task size, or a side-car on one side only.
+
+    Each metric is recomputed over the joined documents from their samples, as lm-eval computes a mean and its
+    standard error (sample standard deviation over the square root of n); a metric the samples do not carry per
+    document is left out."""
+    if first.samples is None or second.samples is None or (first.sidecar is None) != (second.sidecar is None):
+        return None
+    if (first.filter, first.headline, first.budget, first.n_original) != (
+        second.filter,
+        second.headline,
+        second.budget,
+        second.n_original,
+    ):
+        return None
+    if set(first.samples["doc_id"]) & set(second.samples["doc_id"]):
+        return None
+    samples = pd.concat([first.samples, second.samples], ignore_index=True).sort_values("doc_id", ignore_index=True)
+    metrics = {}
+    for name in first.metrics.keys() & second.metrics.keys():
+        if name in samples and samples[name].notna().all():
+            values = samples[name].astype(float)
+            stderr = float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else None
+            metrics[name] = MetricValue(float(values.mean()), stderr)
+    if first.headline not in metrics:
+        return None
+    sidecar = None
+    if first.sidecar is not None:
+        sidecar = pd.concat([first.sidecar, second.sidecar], ignore_index=True)
+    return replace(first, metrics=metrics, n=len(samples), samples=samples, sidecar=sidecar)
 
 
 def find_results_files(directories: Iterable[Path | str], log: WarningLog) -> list[Path]:
@@ -455,9 +489,11 @@ def _attach_sidecar(run: Run, declared: Any, log: WarningLog, run_key: str | Non
     frame = pd.DataFrame([{"task": t, "doc_id": d, **vals} for (t, d), vals in per_doc.items()])
     for task, result in run.tasks.items():
         part = frame[frame["task"] == task] if not frame.empty else frame
-        # A side-car reused across --limit values holds more documents than this run scored: the first n count.
+        # A side-car reused across --limit values holds more documents than this run scored: only the documents it
+        # scored count (by their samples' doc_id; without samples, the first n).
         if not part.empty and len(part) > result.n:
-            part = part[pd.to_numeric(part["doc_id"], errors="coerce") < result.n]
+            scored = set(result.samples["doc_id"]) if result.samples is not None else set(range(result.n))
+            part = part[pd.to_numeric(part["doc_id"], errors="coerce").isin(scored)]
         if part.empty:
             log.warn(path, f"no side-car lines for task {task}; its cost comes from config totals")
             continue

@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 
 from diffmas_eval.reporting.baselines import UNSPECIFIED, matching_baselines, normalize_backbone
-from diffmas_eval.reporting.load import Run, TaskResult, WarningLog, default_communication, method_order
+from diffmas_eval.reporting.load import (
+    Run,
+    TaskResult,
+    WarningLog,
+    default_communication,
+    join_parts,
+    method_order,
+)
 from diffmas_eval.reporting.stats import paired_compare
 from diffmas_eval.reporting.taxonomy import (
     DOMAIN_ORDER,
@@ -147,7 +154,11 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
             row = rows[key] = Row(key=key, run=run, kind=run_kind(run))
         for task, result in run.tasks.items():
             if task in row.entries:
-                older = row.entries[task][0]
+                older, older_result = row.entries[task]
+                joined = join_parts(older_result, result)
+                if joined is not None:  # another part of the same run: its documents join the cell
+                    row.entries[task] = (run, joined)
+                    continue
                 log.warn(older.path, f"task {task} superseded by the newer run {run.path} (--all-runs keeps both)")
             row.entries[task] = (run, result)
         row.run = run
