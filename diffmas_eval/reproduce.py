@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="pretrained model for every run, overriding the config")
     parser.add_argument("--only", help="comma-separated run names to evaluate")
     parser.add_argument("--tasks", help="comma-separated task names to evaluate")
+    parser.add_argument(
+        "--max-pieces", type=int, help="evaluate at most this many unfinished pieces, then stop (one sitting's work)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
@@ -391,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         print("Give these runs their own --out (or move the old pieces away), then rerun.", file=sys.stderr)
         if not args.dry_run:
             return 2
-    failed = []
+    if args.max_pieces is not None and args.max_pieces < 1:
+        print(f"error: --max-pieces must be at least 1, not {args.max_pieces}", file=sys.stderr)
+        return 2
+    failed, started = [], 0
     for number, piece in enumerate(pieces, 1):
         status = "done" if piece.finished() else "todo"
         print(f"[{number}/{len(pieces)}] {piece.run} / {piece.task} ({piece.describe()}): {status}", flush=True)
@@ -400,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if status == "done":
             continue
+        if args.max_pieces is not None and started == args.max_pieces:
+            print(f"    --max-pieces {args.max_pieces} evaluated; stopping here", flush=True)
+            break
+        started += 1
         code = run_piece(piece)
         if code != 0 or not piece.finished():
             failed.append(piece)

@@ -275,6 +275,10 @@ def test_a_task_evaluated_in_parts_equals_the_whole_task_evaluated_at_once(tiny_
     config["runs"][0]["part_size"] = 2
     parted_path = _write(tmp_path / "parted", config)
     outputs = {}
+    # One sitting's work: the first part only.
+    first = _reproduce(parted_path, tmp_path / "parts", "--max-pieces", "1", "--no-report")
+    assert first.returncode == 0 and "--max-pieces 1 evaluated; stopping here" in first.stdout, first.stdout
+    assert len(list((tmp_path / "parts").rglob("results_*.json"))) == 1
     for name, path in (("whole", whole_path), ("parts", parted_path)):
         done = _reproduce(path, tmp_path / name)
         assert done.returncode == 0, done.stdout + done.stderr
