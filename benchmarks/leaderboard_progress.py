@@ -57,14 +57,16 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
     records = []
     for piece in plan(config, out, only=only, check_artefacts=False):
         done, rate = _measured(piece)
+        # A run's parts start after the documents its task's piece evaluated whole before it had a part size.
+        before = piece.covered if piece.part and piece.part[0] == piece.covered else 0
         records.append(
             {
                 "run": piece.run,
                 "model": piece.model,
                 "task": piece.task,
                 "kind": "score" if piece.task.endswith(_SCORED) else "generate",
-                "target": piece.documents,
-                "done": min(done, piece.documents or done),
+                "target": piece.documents + before,
+                "done": min(done, piece.documents or done) + before,
                 "s/doc": rate,
                 "rate from": "piece" if rate else None,
             }

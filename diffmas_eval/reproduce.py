@@ -44,7 +44,7 @@ import yaml
 
 from diffmas_eval.artifacts import weights_fingerprint
 from diffmas_eval.registry import model_names
-from diffmas_eval.settings import BUDGET_KEYS, parsed_args
+from diffmas_eval.settings import BUDGET_KEYS, parsed_args, split_budget
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks", "part_size"}
@@ -69,6 +69,7 @@ class Piece:
     extra: list[str] = field(default_factory=list)
     slim: bool = False  # drop benchmark text from the finished piece's samples and side-car (`diffmas_eval.slim`)
     part: tuple[int, int] | None = None
+    covered: int = 0  # a part's task: its first documents, evaluated whole before the task had a part size
 
     @property
     def documents(self) -> int | None:
@@ -116,6 +117,20 @@ class Piece:
             except (OSError, ValueError, KeyError):
                 continue
         return found
+
+    def evaluated_whole(self) -> int:
+        """How many of the task's first documents its directory holds results for, evaluated whole (a `--limit`
+        outside any part's directory) at this piece's final-agent budget: the largest such limit, 0 without any."""
+        budget = split_budget(self.gen_kwargs)[1]
+        return max(
+            (
+                int(config["limit"])
+                for path, config in self._results_configs()
+                if config.get("limit") and not path.relative_to(self.directory).parts[0].startswith("docs-")
+                if split_budget(config.get("gen_kwargs"))[1] == budget
+            ),
+            default=0,
+        )
 
     def finished(self) -> bool:
         """True when a results file for this piece, at this limit, exists, made with the trained artefacts (adapter,
@@ -295,7 +310,9 @@ def plan(
 
 
 def _parts(piece: Piece, size: int | None) -> list[Piece]:
-    """The piece itself, or its parts of `size` documents each (the last may be shorter)."""
+    """The piece itself, or its parts of `size` documents each (the last may be shorter). Documents the task's piece
+    evaluated whole before it had a part size (its first N, at the same budget) are not parted again: the parts
+    start after them (the report joins the two), and a piece evaluated whole to its limit stays whole."""
     if size is None:
         return [piece]
     if piece.limit is None:
@@ -303,9 +320,12 @@ def _parts(piece: Piece, size: int | None) -> list[Piece]:
             f"run {piece.run!r}, task {piece.task!r}: part_size {size} but no limit: give the task's size as its limit "
             "in the config (or --limit), so the parts can be planned"
         )
+    covered = piece.evaluated_whole()
+    if covered >= piece.limit:
+        return [piece]
     return [
-        replace(piece, part=(first, end), directory=piece.directory / f"docs-{first}-{end}")
-        for first in range(0, piece.limit, size)
+        replace(piece, part=(first, end), directory=piece.directory / f"docs-{first}-{end}", covered=covered)
+        for first in range(covered, piece.limit, size)
         for end in [min(first + size, piece.limit)]
     ]
 

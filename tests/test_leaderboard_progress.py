@@ -59,3 +59,9 @@ def test_a_run_evaluated_in_parts_is_one_line_with_its_finished_parts_documents(
     (line,) = progress(path, out).to_dict("records")
     assert (line["target"], line["done"], line["s/doc"]) == (10, 6, 15.0)
     assert abs(line["hours left"] - 4 * 15.0 / 3600) < 1e-12
+    # The first 3 documents evaluated whole before the run had a part size: its parts start at 3.
+    other = tmp_path / "other"
+    _results(other / "tm" / "t_a" / "m", "x", limit=3, seconds=30.0)
+    _results(other / "tm" / "t_a" / "docs-3-7" / "m", "x", limit=4, seconds=80.0)
+    (line,) = progress(path, other).to_dict("records")
+    assert (line["target"], line["done"], line["s/doc"]) == (10, 7, 20.0)

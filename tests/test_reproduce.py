@@ -252,6 +252,18 @@ def test_a_run_with_a_part_size_is_planned_in_parts_of_its_tasks_documents(tmp_p
     for piece in plan(load_config(_write(tmp_path, config)), tmp_path / "out"):
         by_run.setdefault(piece.run, []).append(piece.part)
     assert by_run == {"whole": [(0, 5), (5, 10), None], "slow": [(0, 4), (4, 8), (8, 10)]}
+    # A row that evaluated the whole task before it had a part size keeps its whole piece; after a first-N piece at
+    # the same budget the parts start at N (one at another budget is another cell's).
+    config["defaults"] = {"gen_kwargs": {"max_gen_toks": 64}}
+    for name, limit, budget in (("whole", 10.0, 64), ("slow", 6.0, 64), ("slow", 9.0, 32)):
+        results = tmp_path / "out" / name / "mas_gsm8k" / "model" / f"results_{limit}.json"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        recorded = {"model": "x", "limit": limit, "gen_kwargs": f"max_gen_toks={budget}"}
+        results.write_text(json.dumps({"config": recorded}))
+    by_run = {}
+    for piece in plan(load_config(_write(tmp_path, config)), tmp_path / "out"):
+        by_run.setdefault(piece.run, []).append((piece.part, piece.covered))
+    assert by_run == {"whole": [(None, 0), (None, 0)], "slow": [((6, 10), 6)]}
     # Parts need the task's size.
     config["runs"][1]["tasks"] = ["mas_arc_easy_mc"]
     with pytest.raises(ValueError, match="task 'mas_arc_easy_mc': part_size 4 but no limit"):
@@ -259,9 +271,10 @@ def test_a_run_with_a_part_size_is_planned_in_parts_of_its_tasks_documents(tmp_p
 
 
 def test_a_task_evaluated_in_parts_equals_the_whole_task_evaluated_at_once(tiny_model_dir, tmp_path):
-    """Two independent runs, each from an empty directory: one whole, one in parts of 2 documents (batch 1, so no
-    document's output depends on its neighbours). The report joins the parts into one cell with the whole run's
-    score and n; every document's generation and score agree, and the side-cars record the same document indices."""
+    """Two independent runs, each from an empty directory: one whole; one of the first document (an earlier
+    `--limit 1`), then the rest in parts of 1 document (batch 1, so no document's output depends on its neighbours).
+    The report joins the pieces into one cell with the whole run's score and n; every document's generation and score
+    agree, and the side-cars record the same document indices."""
     config = {
         "name": "tiny",
         "backbone": str(tiny_model_dir),
@@ -272,13 +285,17 @@ def test_a_task_evaluated_in_parts_equals_the_whole_task_evaluated_at_once(tiny_
     }
     whole_path = _write(tmp_path, config)
     (tmp_path / "parted").mkdir()
-    config["runs"][0]["part_size"] = 2
+    config["runs"][0]["part_size"] = 1
     parted_path = _write(tmp_path / "parted", config)
     outputs = {}
-    # One sitting's work: the first part only.
+    # The task's first document evaluated whole (an earlier --limit), before the run had a part size.
+    earlier = _reproduce(whole_path, tmp_path / "parts", "--limit", "1", "--no-report")
+    assert earlier.returncode == 0, earlier.stdout + earlier.stderr
+    # One sitting's work: the first part only; the parts start after the first document.
     first = _reproduce(parted_path, tmp_path / "parts", "--max-pieces", "1", "--no-report")
     assert first.returncode == 0 and "--max-pieces 1 evaluated; stopping here" in first.stdout, first.stdout
-    assert len(list((tmp_path / "parts").rglob("results_*.json"))) == 1
+    assert "(docs 1-1): todo" in first.stdout and "(docs 0-0)" not in first.stdout
+    assert len(list((tmp_path / "parts").rglob("results_*.json"))) == 2
     for name, path in (("whole", whole_path), ("parts", parted_path)):
         done = _reproduce(path, tmp_path / name)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -289,7 +306,7 @@ def test_a_task_evaluated_in_parts_equals_the_whole_task_evaluated_at_once(tiny_
         samples = [json.loads(line) for r in results for s in r.parent.glob("samples_*.jsonl") for line in s.open()]
         leaderboard = (tmp_path / name / "report" / "leaderboard.csv").read_text()
         outputs[name] = (len(results), full, samples, leaderboard)
-    assert outputs["whole"][0] == 1 and outputs["parts"][0] == 2
+    assert outputs["whole"][0] == 1 and outputs["parts"][0] == 3
     (_, whole_full, whole_samples, whole_board), (_, part_full, part_samples, part_board) = outputs.values()
     assert {r["doc_id"]: r["result"] for r in part_full} == {r["doc_id"]: r["result"] for r in whole_full}
     assert sorted(r["doc_id"] for r in part_full) == [0, 1, 2]
