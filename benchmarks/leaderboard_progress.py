@@ -65,7 +65,7 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
                 "model": piece.model,
                 "task": piece.task,
                 "kind": "score" if piece.task.endswith(_SCORED) else "generate",
-                "target": piece.documents + before,
+                "target": piece.documents + before if before else piece.documents,
                 "done": min(done, piece.documents or done) + before,
                 "s/doc": rate,
                 "rate from": "piece" if rate else None,

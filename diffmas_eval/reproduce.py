@@ -44,7 +44,7 @@ import yaml
 
 from diffmas_eval.artifacts import weights_fingerprint
 from diffmas_eval.registry import model_names
-from diffmas_eval.settings import BUDGET_KEYS, parsed_args, split_budget
+from diffmas_eval.settings import BUDGET_KEYS, parsed_args
 
 _CODE_TASKS = {"mas_humaneval_plus", "mas_mbpp_plus", "mas_code"}
 _RUN_KEYS = {"name", "model", "model_args", "gen_kwargs", "batch_size", "note", "tasks", "part_size"}
@@ -120,17 +120,26 @@ class Piece:
 
     def evaluated_whole(self) -> int:
         """How many of the task's first documents its directory holds results for, evaluated whole (a `--limit`
-        outside any part's directory) at this piece's final-agent budget: the largest such limit, 0 without any."""
-        budget = split_budget(self.gen_kwargs)[1]
+        outside any part's directory) with this piece's settings and budget, and with the trained artefacts now at
+        the run's paths where they exist: the largest such limit, 0 without any."""
+        present = all(Path(self.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if self.model_args.get(arg))
+        artefacts = self.artefact_fingerprints() if present else {}
         return max(
             (
                 int(config["limit"])
-                for path, config in self._results_configs()
-                if config.get("limit") and not path.relative_to(self.directory).parts[0].startswith("docs-")
-                if split_budget(config.get("gen_kwargs"))[1] == budget
+                for path, config in self._whole_results()
+                if config.get("limit") and artefacts_match(config, artefacts) and not self._differences(config)
             ),
             default=0,
         )
+
+    def _whole_results(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Results in this piece's directory, outside any part's directory (`docs-*`)."""
+        return [
+            (path, config)
+            for path, config in self._results_configs()
+            if not path.relative_to(self.directory).parts[0].startswith("docs-")
+        ]
 
     def finished(self) -> bool:
         """True when a results file for this piece, at this limit, exists, made with the trained artefacts (adapter,
@@ -138,9 +147,16 @@ class Piece:
         A part's directory holds only that part's documents (`--samples`, no limit)."""
         limit = float(self.limit) if self.limit is not None and not self.part else None
         artefacts = self.artefact_fingerprints()
-        return any(
-            config.get("limit") == limit and artefacts_match(config, artefacts) for _, config in self._results_configs()
-        )
+        results = self._results_configs() if self.part else self._whole_results()  # a task's parts are not its whole
+        return any(config.get("limit") == limit and artefacts_match(config, artefacts) for _, config in results)
+
+    def _differences(self, config: dict[str, Any]) -> list[str]:
+        """This piece's settings against a results file's `config` (see `conflict`): what differs, as text."""
+        ours = {"model": self.model, **parsed_args(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
+        our_gen = parsed_args(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
+        theirs = {"model": config.get("model"), **parsed_args(config.get("model_args"))}
+        differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar", "doc_offset"))
+        return differ + [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
 
     def artefact_fingerprints(self) -> dict[str, str]:
         """`<arg>_fingerprint` (as results record it) of each trained artefact this piece loads, from its weights."""
@@ -157,13 +173,8 @@ class Piece:
         Both sides are compared as lm-eval parses them from the command line (`realign=1` and `True` agree, as do
         `1e-3` and `0.001`); artefact and side-car paths are not compared, and other paths only by their last
         component (results record them rewritten by `diffmas_eval.portable`)."""
-        ours = {"model": self.model, **parsed_args(",".join(f"{k}={v}" for k, v in self.model_args.items()))}
-        our_gen = parsed_args(",".join(f"{k}={v}" for k, v in self.gen_kwargs.items()))
         for path, config in self._results_configs():
-            theirs = {"model": config.get("model"), **parsed_args(config.get("model_args"))}
-            differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar", "doc_offset"))
-            differ += [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
-            if differ:
+            if differ := self._differences(config):
                 hint = ""
                 if all(d.startswith(tuple(f"gen_kwargs {k}=" for k in BUDGET_KEYS)) for d in differ):
                     hint = (
@@ -320,9 +331,16 @@ def _parts(piece: Piece, size: int | None) -> list[Piece]:
             f"run {piece.run!r}, task {piece.task!r}: part_size {size} but no limit: give the task's size as its limit "
             "in the config (or --limit), so the parts can be planned"
         )
+    if "gpqa" in piece.task:  # its pieces log no samples (`command`), and parts join by their samples
+        raise ValueError(f"run {piece.run!r}, task {piece.task!r}: GPQA pieces keep no samples and cannot be parted")
     covered = piece.evaluated_whole()
     if covered >= piece.limit:
         return [piece]
+    if piece.model_args.get("communication") == "other_doc" and (piece.limit - covered) % size == 1:
+        raise ValueError(
+            f"run {piece.run!r}, task {piece.task!r}: the last part would hold one document, and the other_doc "
+            f"control pairs documents within a part: choose another part_size than {size}"
+        )
     return [
         replace(piece, part=(first, end), directory=piece.directory / f"docs-{first}-{end}", covered=covered)
         for first in range(covered, piece.limit, size)

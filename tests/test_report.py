@@ -450,7 +450,9 @@ def test_a_task_budget_is_a_cell_property_and_only_its_side_car_lines_count(tmp_
     assert not same["versus"].str.contains("budget").any()
 
 
-def _split_into_parts(source: Path, work: Path, cuts: dict[str, int], *, budget: int | None = None) -> None:
+def _split_into_parts(
+    source: Path, work: Path, cuts: dict[str, int], *, budget: int | None = None, later: int = 0
+) -> None:
     """Rewrite a results file (one run) as two parts, as `reproduce` writes a run evaluated in parts: the documents
     below each task's cut in `work/low/`, the rest in `work/high/` (a later run), each with its samples, its side-car
     lines and its own counts, aggregates and task hashes. `budget` gives the high part another final-agent budget."""
@@ -461,8 +463,8 @@ def _split_into_parts(source: Path, work: Path, cuts: dict[str, int], *, budget:
     halves = (("low", lambda t, d: d < cuts[t]), ("high", lambda t, d: d >= cuts[t]))
     for number, (name, keep) in enumerate(halves):
         part = json.loads(json.dumps(data))
-        stamp = f"2026-01-01T12-0{number}-00.000000"
-        part["date"] += 3600 + 60 * number
+        stamp = f"2026-01-01T12-0{number}-{later % 60:02d}.000000"
+        part["date"] += 3600 + 60 * number + later
         part["config"]["diffmas"]["sidecar"] = f"sidecar_{stamp}.jsonl"
         if budget is not None and name == "high":
             part["config"]["gen_kwargs"] = {"max_gen_toks": budget}
@@ -502,6 +504,19 @@ def test_a_run_evaluated_in_parts_is_one_cell_equal_to_the_run_evaluated_whole(t
     assert not any("superseded" in w for w in joined.warnings)
     cell = _row(joined.tables["leaderboard"], method="latent-mas")["mas_gsm8k"].item()
     assert "(n=10)" in cell and "†" not in cell
+
+
+def test_a_part_evaluated_again_replaces_only_that_part(tmp_path):
+    """A part rerun later (the same documents) supersedes the earlier copy of that part only: the other parts stay
+    in the cell, whatever order the results came in."""
+    whole = build_report([GOOD / "results-b"])
+    cuts = {"mas_gsm8k": 4, "mas_arc_easy": 7, "mas_humaneval_plus": 3}
+    _split_into_parts(GOOD / "results-b", tmp_path / "first", cuts)
+    _split_into_parts(GOOD / "results-b", tmp_path / "again", cuts, later=600)
+    rep = build_report([tmp_path / "first", tmp_path / "again" / "high"])
+    assert rep.tables["leaderboard"].equals(whole.tables["leaderboard"])
+    superseded = [w for w in rep.warnings if "superseded" in w]
+    assert superseded and all(w.startswith(str(tmp_path / "first" / "high")) for w in superseded)
 
 
 def test_parts_that_share_documents_or_differ_in_budget_are_not_joined(tmp_path):

@@ -255,15 +255,24 @@ def test_a_run_with_a_part_size_is_planned_in_parts_of_its_tasks_documents(tmp_p
     # A row that evaluated the whole task before it had a part size keeps its whole piece; after a first-N piece at
     # the same budget the parts start at N (one at another budget is another cell's).
     config["defaults"] = {"gen_kwargs": {"max_gen_toks": 64}}
-    for name, limit, budget in (("whole", 10.0, 64), ("slow", 6.0, 64), ("slow", 9.0, 32)):
+    runs = (("whole", "single-agent", 10.0, 64), ("slow", "text-mas", 6.0, 64), ("slow", "text-mas", 9.0, 32))
+    for name, model, limit, budget in runs:
         results = tmp_path / "out" / name / "mas_gsm8k" / "model" / f"results_{limit}.json"
         results.parent.mkdir(parents=True, exist_ok=True)
-        recorded = {"model": "x", "limit": limit, "gen_kwargs": f"max_gen_toks={budget}"}
+        recorded = {"model": model, "limit": limit, "gen_kwargs": f"max_gen_toks={budget}"}
         results.write_text(json.dumps({"config": recorded}))
     by_run = {}
     for piece in plan(load_config(_write(tmp_path, config)), tmp_path / "out"):
         by_run.setdefault(piece.run, []).append((piece.part, piece.covered))
     assert by_run == {"whole": [(None, 0), (None, 0)], "slow": [((6, 10), 6)]}
+    # Parts join by their samples (GPQA keeps none), and other_doc needs two documents in a part.
+    for run, tasks, message in (
+        ({"model": "single-agent", "part_size": 4}, {"mas_gpqa_diamond": 10}, "cannot be parted"),
+        ({"model": "latent-mas", "part_size": 3, "model_args": {"communication": "other_doc"}}, {"t": 10}, "one doc"),
+    ):
+        bad = {"runs": [{"name": "r", **run}], "tasks": tasks}
+        with pytest.raises(ValueError, match=message):
+            plan(load_config(_write(tmp_path, bad)), tmp_path / "elsewhere")
     # Parts need the task's size.
     config["runs"][1]["tasks"] = ["mas_arc_easy_mc"]
     with pytest.raises(ValueError, match="task 'mas_arc_easy_mc': part_size 4 but no limit"):

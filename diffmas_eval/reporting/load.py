@@ -98,6 +98,7 @@ class TaskResult:
     # The final agent's token budget (`settings.task_budget`), None for a task that does not generate. A property of
     # the task, like its prompt: not part of the run's identity, so one row may give each task its own budget.
     budget: int | None = None
+    parts: int = 1  # results joined into this one (`join_parts`)
 
 
 @dataclass
@@ -123,12 +124,12 @@ class Run:
 def join_parts(first: TaskResult, second: TaskResult) -> TaskResult | None:
     """One cell from two results of one configuration on disjoint documents of a task (a run evaluated in parts,
     `reproduce`'s `part_size`), or None when they do not join: a document in both, samples missing on either side,
-    another filter, budget or task size, or a side-car on one side only.
+    another filter, budget or task size. Without a side-car on both sides the joined cell has none (no cost).
 
     Each metric is recomputed over the joined documents from their samples, as lm-eval computes a mean and its
     standard error (sample standard deviation over the square root of n); a metric the samples do not carry per
     document is left out."""
-    if first.samples is None or second.samples is None or (first.sidecar is None) != (second.sidecar is None):
+    if first.samples is None or second.samples is None:
         return None
     if (first.filter, first.headline, first.budget, first.n_original) != (
         second.filter,
@@ -149,9 +150,10 @@ def join_parts(first: TaskResult, second: TaskResult) -> TaskResult | None:
     if first.headline not in metrics:
         return None
     sidecar = None
-    if first.sidecar is not None:
+    if first.sidecar is not None and second.sidecar is not None:
         sidecar = pd.concat([first.sidecar, second.sidecar], ignore_index=True)
-    return replace(first, metrics=metrics, n=len(samples), samples=samples, sidecar=sidecar)
+    parts = first.parts + second.parts
+    return replace(first, metrics=metrics, n=len(samples), samples=samples, sidecar=sidecar, parts=parts)
 
 
 def find_results_files(directories: Iterable[Path | str], log: WarningLog) -> list[Path]:

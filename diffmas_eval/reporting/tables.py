@@ -147,21 +147,18 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
     for run in runs:
         seeds_per_config[run.identity_key].add(str(run.seed))
     rows: dict[tuple, Row] = {}
+    results: dict[tuple, dict[str, list[tuple[Run, TaskResult]]]] = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda r: r.date):
         key = (run.identity_key, str(run.seed), str(run.path) if all_runs else "")
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(key=key, run=run, kind=run_kind(run))
         for task, result in run.tasks.items():
-            if task in row.entries:
-                older, older_result = row.entries[task]
-                joined = join_parts(older_result, result)
-                if joined is not None:  # another part of the same run: its documents join the cell
-                    row.entries[task] = (run, joined)
-                    continue
-                log.warn(older.path, f"task {task} superseded by the newer run {run.path} (--all-runs keeps both)")
-            row.entries[task] = (run, result)
+            results[key][task].append((run, result))
         row.run = run
+    for key, tasks in results.items():
+        for task, candidates in tasks.items():
+            rows[key].entries[task] = _cell(task, candidates, log)
     for row in rows.values():
         multi_seed = len(seeds_per_config[row.run.identity_key]) > 1
         budgets = tuple(sorted({result.budget for _, result in row.entries.values()} - {None}))
@@ -179,6 +176,22 @@ def build_rows(runs: list[Run], *, all_runs: bool, log: WarningLog) -> list[Row]
             r.settings,
         ),
     )
+
+
+def _cell(task: str, candidates: list[tuple[Run, TaskResult]], log: WarningLog) -> tuple[Run, TaskResult]:
+    """One row's cell for `task` from its results, oldest first: the newest, joined with every older result that
+    covers other documents of the task (the parts of a run evaluated in parts, `join_parts`); an older result that
+    shares a document with a newer one kept, or cannot join it, is superseded."""
+    kept: list[tuple[Run, TaskResult]] = []
+    for run, result in reversed(candidates):
+        if all(join_parts(newer, result) is not None for _, newer in kept):
+            kept.append((run, result))
+        else:
+            log.warn(run.path, f"task {task} superseded by the newer run {kept[0][0].path} (--all-runs keeps both)")
+    cell = kept[-1][1]
+    for _, result in reversed(kept[:-1]):
+        cell = join_parts(cell, result)
+    return kept[0][0], cell
 
 
 def _disambiguate(rows: list[Row]) -> None:
@@ -343,6 +356,8 @@ def cost_frame(rows: list[Row], log: WarningLog) -> pd.DataFrame:
                         "stopped_share": float(sc["stopped"].sum() / generations) if generations else math.nan,
                     }
                 )
+            elif result.parts > 1:  # joined parts: one file's totals would count one part
+                log.warn(run.path, f"task {task}: joined parts without a side-car each; no per-problem cost")
             elif run.totals is not None:
                 files_without_sidecar.setdefault(str(run.path), (run, []))[1].append(task)
         for path, (run, _) in files_without_sidecar.items():
