@@ -11,10 +11,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _results(directory: Path, name: str, limit: int, seconds: float, **recorded) -> None:
+def _results(directory: Path, name: str, limit: int, seconds: float, model: str | None = None, **recorded) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     totals = {"requests": limit, "wall_seconds": seconds}
-    config = {"limit": float(limit), "diffmas": {**recorded, "totals": totals}}
+    config = {"model": model, "limit": float(limit), "diffmas": {**recorded, "totals": totals}}
     (directory / f"results_{name}.json").write_text(json.dumps({"config": config}))
 
 
@@ -59,9 +59,9 @@ def test_a_run_evaluated_in_parts_is_one_line_with_its_finished_parts_documents(
     (line,) = progress(path, out).to_dict("records")
     assert (line["target"], line["done"], line["s/doc"]) == (10, 6, 15.0)
     assert abs(line["hours left"] - 4 * 15.0 / 3600) < 1e-12
-    # The first 3 documents evaluated whole before the run had a part size: its parts start at 3.
+    # The first 3 documents evaluated whole before the run had a part size, with its settings: its parts start at 3.
     other = tmp_path / "other"
-    _results(other / "tm" / "t_a" / "m", "x", limit=3, seconds=30.0)
+    _results(other / "tm" / "t_a" / "m", "x", limit=3, seconds=30.0, model="text-mas")
     _results(other / "tm" / "t_a" / "docs-3-7" / "m", "x", limit=4, seconds=80.0)
     (line,) = progress(path, other).to_dict("records")
     assert (line["target"], line["done"], line["s/doc"]) == (10, 7, 20.0)
