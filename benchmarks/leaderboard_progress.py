@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, artefacts_match, load_config, plan
+from diffmas_eval.reproduce import Piece, artefacts_match, load_config, plan
 from diffmas_eval.settings import split_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,7 @@ def _measured(piece: Piece) -> tuple[int, float | None]:
     one made with the trained artefacts now at the run's paths (any, when those are absent) and the piece's final-agent
     budget (results under an older budget count as not done: the piece reruns them), the rate of the largest one
     whatever its artefacts and budget (a retrained adapter costs the same)."""
-    present = all(Path(piece.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if piece.model_args.get(arg))
-    artefacts = piece.artefact_fingerprints() if present else {}
+    artefacts = piece.artefact_fingerprints_here()
     done, rate, largest = 0, None, 0
     budget = split_budget(piece.gen_kwargs)[1]
     for path in piece.directory.glob("**/results_*.json"):

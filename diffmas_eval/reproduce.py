@@ -76,6 +76,11 @@ class Piece:
         """How many documents this piece evaluates (None: the whole task, size unknown here)."""
         return self.part[1] - self.part[0] if self.part else self.limit
 
+    @property
+    def logs_samples(self) -> bool:
+        """GPQA's authors ask that its questions never appear in plain text: no samples files for it."""
+        return "gpqa" not in self.task
+
     def describe(self) -> str:
         return f"docs {self.part[0]}-{self.part[1] - 1}" if self.part else f"limit {self.limit}"
 
@@ -102,8 +107,7 @@ class Piece:
             command += ["--samples", json.dumps({self.task: list(range(*self.part))}, separators=(",", ":"))]
         elif self.limit is not None:
             command += ["--limit", str(self.limit)]
-        # GPQA's authors ask that its questions never appear in plain text: no samples files for it.
-        if "gpqa" not in self.task:
+        if self.logs_samples:
             command.append("--log_samples")
         if self.task in _CODE_TASKS:
             command.append("--confirm_run_unsafe_code")
@@ -122,8 +126,7 @@ class Piece:
         """How many of the task's first documents its directory holds results for, evaluated whole (a `--limit`
         outside any part's directory) with this piece's settings and budget, and with the trained artefacts now at
         the run's paths where they exist: the largest such limit, 0 without any."""
-        present = all(Path(self.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if self.model_args.get(arg))
-        artefacts = self.artefact_fingerprints() if present else {}
+        artefacts = self.artefact_fingerprints_here()
         return max(
             (
                 int(config["limit"])
@@ -157,6 +160,11 @@ class Piece:
         theirs = {"model": config.get("model"), **parsed_args(config.get("model_args"))}
         differ = _differences(theirs, ours, skip=(*ARTEFACT_ARGS, "sidecar", "doc_offset"))
         return differ + [f"gen_kwargs {d}" for d in _differences(parsed_args(config.get("gen_kwargs")), our_gen)]
+
+    def artefact_fingerprints_here(self) -> dict[str, str]:
+        """`artefact_fingerprints()` when every trained artefact is at its path, else {} (any results match)."""
+        present = all(Path(self.model_args[arg]).is_dir() for arg in ARTEFACT_ARGS if self.model_args.get(arg))
+        return self.artefact_fingerprints() if present else {}
 
     def artefact_fingerprints(self) -> dict[str, str]:
         """`<arg>_fingerprint` (as results record it) of each trained artefact this piece loads, from its weights."""
@@ -322,8 +330,9 @@ def plan(
 
 def _parts(piece: Piece, size: int | None) -> list[Piece]:
     """The piece itself, or its parts of `size` documents each (the last may be shorter). Documents the task's piece
-    evaluated whole before it had a part size (its first N, at the same budget) are not parted again: the parts
-    start after them (the report joins the two), and a piece evaluated whole to its limit stays whole."""
+    evaluated whole before it had a part size (its first N, with the run's settings: `evaluated_whole`) are not
+    parted again: the parts start after them (the report joins the two), and a piece evaluated whole to its limit
+    stays whole."""
     if size is None:
         return [piece]
     if piece.limit is None:
@@ -331,7 +340,7 @@ def _parts(piece: Piece, size: int | None) -> list[Piece]:
             f"run {piece.run!r}, task {piece.task!r}: part_size {size} but no limit: give the task's size as its limit "
             "in the config (or --limit), so the parts can be planned"
         )
-    if "gpqa" in piece.task:  # its pieces log no samples (`command`), and parts join by their samples
+    if not piece.logs_samples:  # parts join by their samples
         raise ValueError(f"run {piece.run!r}, task {piece.task!r}: GPQA pieces keep no samples and cannot be parted")
     covered = piece.evaluated_whole()
     if covered >= piece.limit:
