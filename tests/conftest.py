@@ -11,6 +11,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config) -> None:
+    """Make a relative `$DIFFMAS_DATA_DIR` absolute: tests that start lm-eval in a temporary directory inherit it."""
+    explicit = os.environ.get("DIFFMAS_DATA_DIR")
+    if explicit:
+        os.environ["DIFFMAS_DATA_DIR"] = str(Path(explicit).expanduser().absolute())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny tied-embedding Qwen2 model directory, built once per test session."""
