@@ -38,16 +38,34 @@ def _latest(directory: Path, pattern: str) -> Path | None:
     return found[-1] if found else None
 
 
+def _doc_ids(samples: Path) -> set[int]:
+    return {int(json.loads(line)["doc_id"]) for line in samples.read_text(encoding="utf-8").splitlines()}
+
+
+def _kept(files: list[Path]) -> list[Path]:
+    """The pieces the report keeps in one cell (`diffmas_eval.reporting.tables._cell`): the newest, then every older
+    one on documents no kept piece has; an older piece sharing a document with a kept one is superseded."""
+    newest_first = sorted(files, key=lambda samples: (samples.name, samples.stat().st_mtime), reverse=True)
+    kept, covered = [], set()
+    for samples in newest_first:
+        docs = _doc_ids(samples)
+        if not docs & covered:
+            kept.append(samples)
+            covered |= docs
+    return sorted(kept, key=lambda samples: min(_doc_ids(samples), default=0))
+
+
 def _cells(results: Path) -> dict[tuple[str, str], list[Path]]:
-    """(run, task) -> the newest samples file of each of its pieces: `OUT/<run>/<task>/<model>/` for a whole task,
-    `OUT/<run>/<task>/docs-<first>-<end>/<model>/` for each part of a run evaluated in parts."""
+    """(run, task) -> the newest samples file of each of its pieces that the report keeps (`_kept`):
+    `OUT/<run>/<task>/<model>/` for a whole task, `OUT/<run>/<task>/docs-<first>-<end>/<model>/` for each part of a
+    run evaluated in parts."""
     cells = defaultdict(list)
     for pattern, task_level in (("*/*/*/samples_*.jsonl", 1), ("*/*/docs-*/*/samples_*.jsonl", 2)):
         for samples in sorted(results.glob(pattern)):
             task_dir = samples.parents[task_level]
             if samples == _latest(samples.parent, f"samples_{task_dir.name}_*.jsonl"):
                 cells[task_dir.parent.name, task_dir.name].append(samples)
-    return dict(sorted(cells.items()))
+    return {cell: _kept(files) for cell, files in sorted(cells.items())}
 
 
 def _run_key_and_budget(directory: Path, task: str) -> tuple[str | None, int | None]:

@@ -18,9 +18,10 @@ def _piece(
     answers: list[str] | None,
     run_key: str = "k",
     first: int | None = None,
+    stamp: str = "2026",
 ) -> None:
     """A piece's committed files (and its kept text when `answers`); with `first`, the part of a run evaluated in
-    parts whose documents start there (`docs-<first>-<end>/`)."""
+    parts whose documents start there (`docs-<first>-<end>/`); `stamp` is the samples file's timestamp."""
     piece = out / run / task / (f"docs-{first}-{first + len(gold)}" if first is not None else "")
     first = first or 0
     model_dir = piece / "m"
@@ -35,7 +36,7 @@ def _piece(
                 "acc": int(answered == letter),
             }
         )
-    (model_dir / f"samples_{task}_2026.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    (model_dir / f"samples_{task}_{stamp}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
     (model_dir / "results_2026.json").write_text(json.dumps({"config": {"diffmas": {"run_key": run_key}}}))
     if answers is None:
         return
@@ -114,3 +115,15 @@ def test_a_run_evaluated_in_parts_is_one_row(tmp_path):
     _piece(tmp_path / "parts", "r", "mas_openbookqa", gold[2:], answers[2:], first=2)
     whole, parts = letters_table(tmp_path / "whole"), letters_table(tmp_path / "parts")
     assert whole[0].equals(parts[0]) and whole[1].equals(parts[1]) and parts[1]["n"].tolist() == [5]
+
+
+def test_an_older_piece_a_newer_part_overlaps_is_superseded_as_in_the_report(tmp_path):
+    """A whole piece and a newer part on some of its documents: the report keeps the part alone, and so does this."""
+    letters_table = runpy.run_path(str(REPO / "benchmarks" / "answer_letters.py"))["letters_table"]
+    gold = ["A", "B", "C", "C", "D"]
+    _piece(tmp_path / "out", "r", "mas_openbookqa", gold, ["A", "D", "C", "B", "D"], stamp="2026-01-01T00")
+    _piece(tmp_path / "out", "r", "mas_openbookqa", gold[:2], ["A", "B"], first=0, stamp="2026-02-01T00")
+    _piece(tmp_path / "alone", "r", "mas_openbookqa", gold[:2], ["A", "B"], first=0)
+    baselines, pieces = letters_table(tmp_path / "out")
+    assert pieces["n"].tolist() == [2] and pieces["acc"].tolist() == [100.0]
+    assert pieces.equals(letters_table(tmp_path / "alone")[1]) and baselines.equals(letters_table(tmp_path / "alone")[0])
