@@ -424,16 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
-    out = Path(args.out or Path("results") / (config.get("name") or Path(args.config).stem)).resolve()
-    pieces = plan(
-        config,
-        out,
-        limit=args.limit,
-        backbone=args.backbone,
-        only=args.only.split(",") if args.only else None,
-        tasks=args.tasks.split(",") if args.tasks else None,
-    )
+    try:  # a bad config or a missing artefact: one line, before anything runs
+        config = load_config(args.config)
+        out = Path(args.out or Path("results") / (config.get("name") or Path(args.config).stem)).resolve()
+        pieces = plan(
+            config,
+            out,
+            limit=args.limit,
+            backbone=args.backbone,
+            only=args.only.split(",") if args.only else None,
+            tasks=args.tasks.split(",") if args.tasks else None,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # Before anything runs: a piece directory holds one configuration's results, never two mixed.
     conflicts = [c for c in (piece.conflict() for piece in pieces) if c]
     if conflicts:

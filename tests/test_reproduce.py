@@ -101,6 +101,22 @@ def test_missing_adapter_is_reported_before_anything_runs(tmp_path):
         plan(load_config(_write(tmp_path, config)), tmp_path)
 
 
+def test_the_command_gives_a_bad_config_or_missing_adapter_as_one_line_and_exit_code_2(tmp_path, capsys):
+    from diffmas_eval.reproduce import main
+
+    missing = {
+        "runs": [{"name": "d", "model": "diffmas", "model_args": {"adapter": str(tmp_path / "none")}}],
+        "tasks": ["mas_gsm8k"],
+    }
+    bad = {"runs": [{"name": "d", "model": "no-such-method"}], "tasks": ["mas_gsm8k"]}
+    for config, message in ((missing, "train it first"), (bad, "unknown model")):
+        path = _write(tmp_path, config)
+        assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_reproduce_runs_pieces_then_skips_them_and_reports(tiny_model_dir, tmp_path):
     config = {
         "name": "tiny",
