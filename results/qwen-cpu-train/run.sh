@@ -11,6 +11,8 @@
 #   bash results/qwen-cpu-train/run.sh diffmas-m10             # DiffMAS at m = 10 (configs/train/qwen_diffmas_m10.yaml)
 #   bash results/qwen-cpu-train/run.sh diffmas                 # one (diffmas, diffmas-frozen, single-agent-lora)
 #   PIECE=4 MAX_PIECES=1 bash results/qwen-cpu-train/run.sh diffmas   # one piece, then stop (resume later)
+#   RUNS=runs/qwen-r2 ADAPTERS=results/qwen-cpu-train/adapters/r2 bash results/qwen-cpu-train/run.sh diffmas
+#                                                              # a retraining round beside the first (rows *-r2)
 # Then evaluate the rows through the leaderboard:
 #   diffmas-eval reproduce results/qwen-cpu.yaml --only diffmas,diffmas-frozen,single-agent-lora --tasks ...
 set -euo pipefail
@@ -18,7 +20,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export DIFFMAS_DATA_DIR=${DIFFMAS_DATA_DIR:-$(cd "$ROOT/.." && pwd)/shared/data}
-RUNS=${RUNS:-$ROOT/runs/qwen}
+RUNS=$(realpath -m "${RUNS:-$ROOT/runs/qwen}")
+ADAPTERS=$(realpath -m "${ADAPTERS:-$HERE/adapters}")  # where the manifests and logs are copied (a retraining round: its own folder)
 PYTHON=${PYTHON:-python}
 PIECE=${PIECE:-8}
 MAX_PIECES=${MAX_PIECES:-1000}
@@ -43,12 +46,12 @@ train() {  # name config
       "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)" >> "$RUNS/$name/pieces.jsonl"
     pieces=$((pieces + 1))
   done
-  mkdir -p "$HERE/adapters/$name"
-  cp "$RUNS/$name/train_log.jsonl" "$HERE/adapters/$name/"
-  [ -f "$RUNS/$name/pieces.jsonl" ] && cp "$RUNS/$name/pieces.jsonl" "$HERE/adapters/$name/"
-  [ -f "$RUNS/$name/manifest.json" ] && cp "$RUNS/$name/manifest.json" "$HERE/adapters/$name/"
+  mkdir -p "$ADAPTERS/$name"
+  cp "$RUNS/$name/train_log.jsonl" "$ADAPTERS/$name/"
+  [ -f "$RUNS/$name/pieces.jsonl" ] && cp "$RUNS/$name/pieces.jsonl" "$ADAPTERS/$name/"
+  [ -f "$RUNS/$name/manifest.json" ] && cp "$RUNS/$name/manifest.json" "$ADAPTERS/$name/"
   # The manifest records this machine's output path: keep it relative to the repo (tests refuse absolute paths).
-  (cd "$ROOT" && "$PYTHON" -m diffmas_eval.portable "$HERE/adapters/$name" >/dev/null)
+  (cd "$ROOT" && "$PYTHON" -m diffmas_eval.portable "$ADAPTERS/$name" >/dev/null)
   return 0
 }
 
