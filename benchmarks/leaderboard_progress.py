@@ -8,6 +8,11 @@ scoring), else at the mean of the runs of the same method (model) for that kind,
 one process's wall time, as the pieces ran (mostly one core each, beside one other job), on whatever machine ran them:
 a guide for planning sessions, not a benchmark.
 
+A run that loads trained artefacts (an adapter, a fuser) says where they are: `here`, `to train` (absent, and no
+result of the run records one), or `gone` (absent, and the run's results record the ones they were made with: weights
+are not committed, so such a row cannot grow; a retrained artefact is another row). The hours left leave `gone` rows
+out and count them apart.
+
     python benchmarks/leaderboard_progress.py results/qwen-cpu.yaml [--out DIR] [--only RUN,...] [--pending]
 """
 
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffmas_eval.reproduce import Piece, artefacts_match, load_config, plan
+from diffmas_eval.reproduce import ARTEFACT_ARGS, Piece, artefacts_match, load_config, plan
 from diffmas_eval.settings import split_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +54,19 @@ def _measured(piece: Piece) -> tuple[int, float | None]:
     return done, rate
 
 
+def _artefacts(piece: Piece, out: Path) -> str:
+    """`here`, `to train`, `gone` or "" (the run loads no trained artefact); see the module's docstring."""
+    if not any(piece.model_args.get(arg) for arg in ARTEFACT_ARGS):
+        return ""
+    if piece.artefact_fingerprints_here():
+        return "here"
+    for path in (out / piece.run).glob("**/results_*.json"):
+        recorded = json.loads(path.read_text())["config"].get("diffmas") or {}
+        if any(recorded.get(f"{arg}_fingerprint") for arg in ARTEFACT_ARGS):
+            return "gone"
+    return "to train"
+
+
 def progress(config_path: Path, out: Path | None = None, only: list[str] | None = None) -> pd.DataFrame:
     """One row per piece: target and done documents, seconds per document and where that rate comes from, hours left."""
     config = load_config(config_path)
@@ -68,12 +86,13 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
                 "done": min(done, piece.documents or done) + before,
                 "s/doc": rate,
                 "rate from": "piece" if rate else None,
+                "artefacts": _artefacts(piece, out),
             }
         )
     # A run evaluated in parts (`part_size`): one line per (run, task), its parts' documents summed, rates averaged.
     frame = (
         pd.DataFrame(records)
-        .groupby(["run", "model", "task", "kind"], sort=False, as_index=False)
+        .groupby(["run", "model", "task", "kind", "artefacts"], sort=False, as_index=False)
         .agg({"target": "sum", "done": "sum", "s/doc": "mean", "rate from": "first"})
     )
     records = frame.to_dict("records")
@@ -104,8 +123,10 @@ def main() -> None:
     shown = frame[frame["done"] < frame["target"]] if args.pending else frame
     with pd.option_context("display.width", 200, "display.max_rows", None):
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    unmeasured = frame[(frame["done"] < frame["target"]) & frame["s/doc"].isna()]
-    left = frame["hours left"].sum()
+    gone = frame[frame["artefacts"] == "gone"]
+    growing = frame[frame["artefacts"] != "gone"]
+    unmeasured = growing[(growing["done"] < growing["target"]) & growing["s/doc"].isna()]
+    left = growing["hours left"].sum()
     print(f"\nevaluation hours the committed pieces took (their largest results file each): {spent:.1f}")
     print(f"documents done: {int(frame['done'].sum())} of {int(frame['target'].sum())}")
     runs = f" ({', '.join(sorted(set(unmeasured['run'])))})" if len(unmeasured) else ""
@@ -113,6 +134,12 @@ def main() -> None:
         f"hours left at the measured rates: {0 if math.isnan(left) else left:.1f}, plus {len(unmeasured)} unmeasured "
         f"pieces{runs}"
     )
+    if len(gone):
+        print(
+            f"rows whose trained artefacts are gone (they cannot grow; not in the hours left): "
+            f"{', '.join(dict.fromkeys(gone['run']))}: {int(gone['done'].sum())} of their "
+            f"{int(gone['target'].sum())} documents done"
+        )
 
 
 if __name__ == "__main__":

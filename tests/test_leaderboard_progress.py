@@ -65,3 +65,43 @@ def test_a_run_evaluated_in_parts_is_one_line_with_its_finished_parts_documents(
     _results(other / "tm" / "t_a" / "docs-3-7" / "m", "x", limit=4, seconds=80.0)
     (line,) = progress(path, other).to_dict("records")
     assert (line["target"], line["done"], line["s/doc"]) == (10, 7, 20.0)
+
+
+def test_a_row_whose_trained_adapter_is_gone_is_marked_and_left_out_of_the_hours_left(tmp_path, capsys):
+    script = runpy.run_path(str(REPO / "benchmarks" / "leaderboard_progress.py"))
+    here = tmp_path / "runs" / "here"
+    here.mkdir(parents=True)
+    (here / "adapter_model.safetensors").write_bytes(b"weights")
+    config = {
+        "name": "p",
+        "runs": [
+            {"name": "sa", "model": "single-agent"},
+            {"name": "here", "model": "diffmas", "model_args": {"adapter": str(here)}},
+            {"name": "gone", "model": "diffmas", "model_args": {"adapter": str(tmp_path / "runs" / "gone")}},
+            {"name": "new", "model": "diffmas", "model_args": {"adapter": str(tmp_path / "runs" / "new")}},
+        ],
+        "tasks": {"t_a": 10, "t_b": 10},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    for run in ("here", "gone"):  # 3600 s per document: an hour per document left
+        _results(out / run / "t_a" / "m", "x", limit=4, seconds=4 * 3600.0, adapter_fingerprint="f")
+    frame = script["progress"](path, out).set_index(["run", "task"])
+    status = frame["artefacts"].droplevel("task").groupby(level=0).first().to_dict()
+    assert status == {"sa": "", "here": "here", "gone": "gone", "new": "to train"}
+    assert frame.loc[("gone", "t_a"), "done"] == 4  # its committed documents count as done
+
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["leaderboard_progress.py", str(path), "--out", str(out)]
+    try:
+        script["main"]()
+    finally:
+        sys.argv = argv
+    printed = capsys.readouterr().out
+    # here (its results record another adapter than the one here: all 20 documents left) and new (at the model's
+    # rate), 20 hours each; gone is left out; sa was never measured
+    assert "hours left at the measured rates: 40.0, plus 2 unmeasured pieces (sa)" in printed
+    assert "cannot grow; not in the hours left): gone: 4 of their 20 documents done" in printed
