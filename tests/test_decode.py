@@ -118,3 +118,57 @@ def test_the_stop_check_decodes_a_bounded_window_per_step(backbone, monkeypatch)
     generations = generate(backbone, PROMPTS, None, config)
     assert all(len(g.token_ids) == budget for g in generations)
     assert sum(decoded) <= 16 * budget * len(PROMPTS)
+
+
+def _invariant_backbone(model_dir, dtype: str):
+    """A fresh tiny model in the batch-invariant mode, with no end-of-turn token (only stop strings end rows)."""
+    loaded = load_backbone(str(model_dir), dtype=dtype, device="cpu", batch_invariant=True)
+    return dataclasses.replace(loaded, eos_token_ids=frozenset())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sampling", [False, True])
+@torch.no_grad()
+def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_invariant_mode(
+    tiny_model_dir, monkeypatch, dtype, sampling
+):
+    """Rows that stop at different steps: decoding with them dropped from the running batch (the default in the
+    mode) gives every row's tokens and text exactly as keeping the whole batch to the end, each side on its own model."""
+    from transformers import DynamicCache
+
+    selections = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(
+        DynamicCache, "batch_select_indices", lambda cache, index: selections.append(len(index)) or select(cache, index)
+    )
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41], [7, 7, 7, 7], [30, 2, 19], [3]]
+    seeds = list(range(len(prompts)))
+    budget = 24
+    kept = _invariant_backbone(tiny_model_dir, dtype)
+    sample = {"do_sample": True, "temperature": 0.9, "top_k": 20} if sampling else {}
+    full = generate(kept, prompts, None, DecodingConfig(budget, **sample), seeds=seeds, compact=False)
+    # Each row's own text a little further on each time: the rows stop at different steps, one never.
+    stop = tuple(g.text[(i + 1) * len(g.text) // 8 :][:2] for i, g in enumerate(full[:-1]))
+    config = DecodingConfig(budget, stop=stop, **sample)
+    whole = generate(kept, prompts, None, config, seeds=seeds, compact=False)
+    assert not selections
+    compacted = generate(_invariant_backbone(tiny_model_dir, dtype), prompts, None, config, seeds=seeds)
+
+    assert [(g.token_ids, g.text, g.stopped_before_budget) for g in compacted] == [
+        (g.token_ids, g.text, g.stopped_before_budget) for g in whole
+    ]
+    lengths = [len(g.token_ids) for g in whole]
+    assert len(set(lengths)) >= 3 and min(lengths) < budget  # rows did stop at different steps
+    assert selections and selections == sorted(selections, reverse=True) and selections[-1] < len(prompts)
+
+
+@torch.no_grad()
+def test_stopped_rows_stay_in_the_batch_without_the_batch_invariant_mode(backbone, monkeypatch):
+    """Outside the mode, dropping rows would change the rounding of the rows left: the batch is kept whole."""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda *_: pytest.fail("compacted outside the mode"))
+    full = generate(backbone, PROMPTS, None, DecodingConfig(12))
+    stop = (full[0].text[2:4],)
+    generations = generate(backbone, PROMPTS, None, DecodingConfig(12, stop=stop))
+    assert any(g.stopped_before_budget for g in generations)

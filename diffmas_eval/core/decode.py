@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffmas_eval.core.batch_invariant import is_batch_invariant
 from diffmas_eval.core.trace import KVTrace, append_prompts
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ def generate(
     seeds: list[int] | None = None,
     prompt_embeds: list[torch.Tensor] | None = None,
     adapter_names: list[str] | None = None,
+    compact: bool | None = None,
 ) -> list[Generation]:
     """Decode every row from its prompt, prefilled on top of `trace` (consumed: its cache is extended in place).
 
@@ -163,6 +165,10 @@ def generate(
         prompt_embeds: per row, the prompt as input embeddings `[len(prompt), D]` instead of its token ids' ones.
         adapter_names: per row, the peft adapter the row runs under (a mixed-adapter batch; `__base__` = none), or
             None for the model's active adapter(s).
+        compact: drop rows that have stopped from the running batch (their cache rows, mask and positions), so the
+            rows still decoding stop paying for them. None (the default) compacts exactly when the model runs in the
+            batch-invariant mode, where a row's output does not depend on its neighbours and compacting cannot change
+            any text; elsewhere it would change the rounding of the rows left, so outputs stay as they were.
 
     Returns:
         One `Generation` per row. Decoding stops at an end-of-turn token, a stop string or the budget.
@@ -173,6 +179,8 @@ def generate(
     trace, logits = append_prompts(
         backbone, trace, prompts, output="logits", prompt_embeds=prompt_embeds, adapter_names=adapter_names
     )
+    if compact is None:
+        compact = is_batch_invariant(backbone.model)
     mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
     mask = trace.mask
     position = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
@@ -185,15 +193,21 @@ def generate(
     stopped = [False] * batch
     texts: list[str | None] = [None] * batch
     ended_on: list[int | None] = [None] * batch
+    running = list(range(batch))  # the row each position of the running batch decodes (all, until compacted)
     for step in range(config.max_new_tokens):
-        chosen = _choose_tokens(logits, config, generators, active).tolist()
-        for row in range(batch):
+        chosen = _choose_tokens(
+            logits,
+            config,
+            None if generators is None else [generators[row] for row in running],
+            [active[row] for row in running],
+        ).tolist()
+        for token, row in zip(chosen, running):
             if not active[row]:
                 continue
-            if chosen[row] in backbone.eos_token_ids:
-                active[row], stopped[row], ended_on[row] = False, True, chosen[row]
+            if token in backbone.eos_token_ids:
+                active[row], stopped[row], ended_on[row] = False, True, token
                 continue
-            tokens[row].append(chosen[row])
+            tokens[row].append(token)
             if scanners is not None and scanners[row].scan(tokens[row]):
                 text = backbone.decode(tokens[row])
                 cut = _first_stop(text, config.stop)
@@ -201,6 +215,14 @@ def generate(
                     active[row], stopped[row], texts[row] = False, True, text[:cut]
         if not any(active) or step == config.max_new_tokens - 1:
             break
+        if compact and not all(active[row] for row in running):
+            keep = [i for i, row in enumerate(running) if active[row]]
+            index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+            trace.cache.batch_select_indices(index)
+            mask, position = mask[index], position[index]
+            chosen, running = [chosen[i] for i in keep], [running[i] for i in keep]
+            if mixed:
+                mixed["adapter_names"] = [mixed["adapter_names"][i] for i in keep]
         feed = torch.tensor(chosen, dtype=torch.long, device=mask.device)[:, None]
         trace.reserve(config.max_new_tokens - 1 - step)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
