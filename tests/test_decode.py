@@ -133,7 +133,8 @@ def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_inv
     tiny_model_dir, monkeypatch, dtype, sampling
 ):
     """Rows that stop at different steps: decoding with them dropped from the running batch (the default in the
-    mode) gives every row's tokens and text exactly as keeping the whole batch to the end, each side on its own model."""
+    mode) gives every row's tokens and text exactly as keeping the whole batch to the end, each side on its own
+    model."""
     from transformers import DynamicCache
 
     selections = []

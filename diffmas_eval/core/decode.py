@@ -201,7 +201,7 @@ def generate(
             None if generators is None else [generators[row] for row in running],
             [active[row] for row in running],
         ).tolist()
-        for token, row in zip(chosen, running):
+        for token, row in zip(chosen, running, strict=True):
             if not active[row]:
                 continue
             if token in backbone.eos_token_ids:
