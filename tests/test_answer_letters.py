@@ -126,4 +126,5 @@ def test_an_older_piece_a_newer_part_overlaps_is_superseded_as_in_the_report(tmp
     _piece(tmp_path / "alone", "r", "mas_openbookqa", gold[:2], ["A", "B"], first=0)
     baselines, pieces = letters_table(tmp_path / "out")
     assert pieces["n"].tolist() == [2] and pieces["acc"].tolist() == [100.0]
-    assert pieces.equals(letters_table(tmp_path / "alone")[1]) and baselines.equals(letters_table(tmp_path / "alone")[0])
+    alone_baselines, alone_pieces = letters_table(tmp_path / "alone")
+    assert pieces.equals(alone_pieces) and baselines.equals(alone_baselines)
