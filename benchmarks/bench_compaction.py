@@ -34,9 +34,7 @@ def main() -> None:
     in_mode = decode.is_batch_invariant
     scratch = Path(tempfile.mkdtemp(prefix="bench_compaction_"))
     backends = {
-        name: c.make_backend(
-            args.method, args, scratch / f"{name}.jsonl", batch_size=args.batch, batch_invariant=True
-        )
+        name: c.make_backend(args.method, args, scratch / f"{name}.jsonl", batch_size=args.batch, batch_invariant=True)
         for name in ("dropped", "kept")
     }
 

@@ -18,11 +18,17 @@ def _results(directory: Path, name: str, limit: int, seconds: float, model: str 
     (directory / f"results_{name}.json").write_text(json.dumps({"config": config}))
 
 
+def _adapter(tmp_path: Path, name: str, weights: bytes) -> Path:
+    """An adapter directory at `runs/<name>` whose weights file holds `weights` (what its fingerprint reads)."""
+    adapter = tmp_path / "runs" / name
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    return adapter
+
+
 def test_progress_counts_pieces_of_the_current_artefacts_and_costs_the_rest_at_measured_rates(tmp_path):
     progress = runpy.run_path(str(REPO / "benchmarks" / "leaderboard_progress.py"))["progress"]
-    adapter = tmp_path / "runs" / "d"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")
+    adapter = _adapter(tmp_path, "d", b"retrained")
     config = {
         "name": "p",
         "runs": [
@@ -69,9 +75,7 @@ def test_a_run_evaluated_in_parts_is_one_line_with_its_finished_parts_documents(
 
 def test_a_row_whose_trained_adapter_is_gone_is_marked_and_left_out_of_the_hours_left(tmp_path, capsys):
     script = runpy.run_path(str(REPO / "benchmarks" / "leaderboard_progress.py"))
-    here = tmp_path / "runs" / "here"
-    here.mkdir(parents=True)
-    (here / "adapter_model.safetensors").write_bytes(b"weights")
+    here = _adapter(tmp_path, "here", b"weights")
     config = {
         "name": "p",
         "runs": [
