@@ -42,14 +42,25 @@ def _doc_ids(samples: Path) -> set[int]:
     return {int(json.loads(line)["doc_id"]) for line in samples.read_text(encoding="utf-8").splitlines()}
 
 
-def _kept(files: list[Path]) -> list[Path]:
+def _started(samples: Path, task: str) -> tuple[float, str]:
+    """When the piece's evaluation started, by its results file of the same timestamp (its `date`, which the report
+    orders results by; 0 without one), then the samples file's name."""
+    stamp = samples.name.removeprefix(f"samples_{task}_").removesuffix(".jsonl")
+    results = samples.parent / f"results_{stamp}.json"
+    date = json.loads(results.read_text()).get("date", 0) if results.is_file() else 0
+    return float(date or 0), samples.name
+
+
+def _kept(files: list[Path], task: str) -> list[Path]:
     """The pieces the report keeps in one cell (`diffmas_eval.reporting.tables._cell`): the newest, then every older
-    one on documents no kept piece has; an older piece sharing a document with a kept one is superseded."""
-    newest_first = sorted(files, key=lambda samples: (samples.name, samples.stat().st_mtime), reverse=True)
+    one of the same run configuration and final-agent budget on documents no kept piece has; an older piece sharing a
+    document with a kept one, or made with other settings, is superseded."""
+    newest_first = sorted(files, key=lambda samples: _started(samples, task), reverse=True)
     kept, covered = [], set()
     for samples in newest_first:
         docs = _doc_ids(samples)
-        if not docs & covered:
+        same = not kept or _run_key_and_budget(samples.parent, task) == _run_key_and_budget(kept[0].parent, task)
+        if same and not docs & covered:
             kept.append(samples)
             covered |= docs
     return sorted(kept, key=lambda samples: min(_doc_ids(samples), default=0))
@@ -65,7 +76,7 @@ def _cells(results: Path) -> dict[tuple[str, str], list[Path]]:
             task_dir = samples.parents[task_level]
             if samples == _latest(samples.parent, f"samples_{task_dir.name}_*.jsonl"):
                 cells[task_dir.parent.name, task_dir.name].append(samples)
-    return {cell: _kept(files) for cell, files in sorted(cells.items())}
+    return {(run, task): _kept(files, task) for (run, task), files in sorted(cells.items())}
 
 
 def _run_key_and_budget(directory: Path, task: str) -> tuple[str | None, int | None]:

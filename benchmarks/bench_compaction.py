@@ -3,8 +3,9 @@ dropped once they stop (the default in the mode, `diffmas_eval.core.decode.gener
 its longest row (what decoding did before, and still does outside the mode).
 
 Each variant is its own backend (`single-agent` by default, `--method` for another), batch-invariant, on the first
-`--n` GSM8K test questions at `--batch` with the final-agent budget `--budget`; the variants alternate over
-`--repeats` rounds, the backend's side-car cache forgotten before each. Prints seconds per variant (median), the
+`--n` GSM8K test questions at `--batch` with the final-agent budget `--budget`; after one untimed warm-up call each
+(the first forward packs the weights), the variants alternate over `--repeats` rounds, the backend's side-car cache
+forgotten before each. Prints seconds per variant (median), the
 ratio kept / dropped measured in the same run, the tokens generated, the row-steps each variant computed, and whether
 the texts agree (they must: in the mode a row's output does not depend on its neighbours).
 
@@ -47,6 +48,8 @@ def main() -> None:
         finally:
             decode.is_batch_invariant = in_mode
 
+    for name in backends:  # warm-up: weight packing and first-call allocations, untimed
+        backends[name].generate_until(c.generate_requests(c.gsm8k_questions(1), 4), disable_tqdm=True)
     times, outputs = c.interleaved({name: (lambda name=name: run(name)) for name in backends}, args.repeats)
     medians = {name: c.median(values) for name, values in times.items()}
     payload = {

@@ -219,7 +219,14 @@ def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reproduction config {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path}: a reproduction config is a mapping (name, runs, tasks, ...), not {type(config).__name__}"
+        )
     unknown = set(config) - _TOP_KEYS - {"_dir"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")

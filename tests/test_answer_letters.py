@@ -128,3 +128,13 @@ def test_an_older_piece_a_newer_part_overlaps_is_superseded_as_in_the_report(tmp
     assert pieces["n"].tolist() == [2] and pieces["acc"].tolist() == [100.0]
     alone_baselines, alone_pieces = letters_table(tmp_path / "alone")
     assert pieces.equals(alone_pieces) and baselines.equals(alone_baselines)
+
+
+def test_an_older_part_of_another_run_configuration_is_not_joined(tmp_path):
+    """Parts on disjoint documents but of two configurations (another run key): the report keeps the newest alone."""
+    letters_table = runpy.run_path(str(REPO / "benchmarks" / "answer_letters.py"))["letters_table"]
+    gold = ["A", "B", "C", "C", "D"]
+    _piece(tmp_path / "out", "r", "mas_openbookqa", gold[:2], ["A", "B"], first=0, stamp="2026-02-01T00")
+    _piece(tmp_path / "out", "r", "mas_openbookqa", gold[2:], gold[2:], first=2, run_key="o", stamp="2026-01-01T00")
+    _, pieces = letters_table(tmp_path / "out")
+    assert pieces["n"].tolist() == [2]

@@ -120,22 +120,31 @@ def test_the_stop_check_decodes_a_bounded_window_per_step(backbone, monkeypatch)
     assert sum(decoded) <= 16 * budget * len(PROMPTS)
 
 
-def _invariant_backbone(model_dir, dtype: str):
-    """A fresh tiny model in the batch-invariant mode, with no end-of-turn token (only stop strings end rows)."""
+def _invariant_backbone(model_dir, dtype: str, adapter=None):
+    """A fresh tiny model in the batch-invariant mode, with no end-of-turn token (only stop strings end rows); with
+    `adapter`, its per-role LoRA adapters attached (for mixed-adapter batches)."""
+    from diffmas_eval.methods.adapter import attach_adapter
+
     loaded = load_backbone(str(model_dir), dtype=dtype, device="cpu", batch_invariant=True)
+    if adapter is not None:
+        attach_adapter(loaded, adapter)
     return dataclasses.replace(loaded, eos_token_ids=frozenset())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "sampling", "mixed"),
+    [("float32", False, False), ("bfloat16", False, False), ("float32", True, False), ("bfloat16", True, True)],
+)
 @torch.no_grad()
 def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_invariant_mode(
-    tiny_model_dir, monkeypatch, dtype, sampling
+    tiny_model_dir, tmp_path, monkeypatch, dtype, sampling, mixed
 ):
     """Rows that stop at different steps: decoding with them dropped from the running batch (the default in the
     mode) gives every row's tokens and text exactly as keeping the whole batch to the end, each side on its own
-    model."""
+    model; `mixed`: each row under its own LoRA adapter (peft's mixed-adapter batches, as NeuroMAS decodes)."""
     from transformers import DynamicCache
+
+    from diffmas_eval.testing import write_random_adapter
 
     selections = []
     select = DynamicCache.batch_select_indices
@@ -145,15 +154,22 @@ def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_inv
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41], [7, 7, 7, 7], [30, 2, 19], [3]]
     seeds = list(range(len(prompts)))
     budget = 24
-    kept = _invariant_backbone(tiny_model_dir, dtype)
+    adapter = write_random_adapter(tiny_model_dir, tmp_path / "adapter", per_role=True) if mixed else None
+    names = None
+    if mixed:  # every role's adapter and the base model, interleaved over the rows
+        roles = [path.name for path in sorted(adapter.iterdir()) if (path / "adapter_config.json").is_file()]
+        assert len(roles) > 1
+        names = [([*roles, "__base__"])[row % (len(roles) + 1)] for row in range(len(prompts))]
+    kept = _invariant_backbone(tiny_model_dir, dtype, adapter)
     sample = {"do_sample": True, "temperature": 0.9, "top_k": 20} if sampling else {}
-    full = generate(kept, prompts, None, DecodingConfig(budget, **sample), seeds=seeds, compact=False)
+    common = {"seeds": seeds, "adapter_names": names}
+    full = generate(kept, prompts, None, DecodingConfig(budget, **sample), compact=False, **common)
     # Each row's own text a little further on each time: the rows stop at different steps, one never.
     stop = tuple(g.text[(i + 1) * len(g.text) // 8 :][:2] for i, g in enumerate(full[:-1]))
     config = DecodingConfig(budget, stop=stop, **sample)
-    whole = generate(kept, prompts, None, config, seeds=seeds, compact=False)
+    whole = generate(kept, prompts, None, config, compact=False, **common)
     assert not selections
-    compacted = generate(_invariant_backbone(tiny_model_dir, dtype), prompts, None, config, seeds=seeds)
+    compacted = generate(_invariant_backbone(tiny_model_dir, dtype, adapter), prompts, None, config, **common)
 
     assert [(g.token_ids, g.text, g.stopped_before_budget) for g in compacted] == [
         (g.token_ids, g.text, g.stopped_before_budget) for g in whole
@@ -172,4 +188,5 @@ def test_stopped_rows_stay_in_the_batch_without_the_batch_invariant_mode(backbon
     full = generate(backbone, PROMPTS, None, DecodingConfig(12))
     stop = (full[0].text[2:4],)
     generations = generate(backbone, PROMPTS, None, DecodingConfig(12, stop=stop))
-    assert any(g.stopped_before_budget for g in generations)
+    lengths = [len(g.token_ids) for g in generations]
+    assert min(lengths) < max(lengths) == 12  # one row stopped while another ran on: a compaction was due

@@ -109,8 +109,17 @@ def test_the_command_gives_a_bad_config_or_missing_adapter_as_one_line_and_exit_
         "tasks": ["mas_gsm8k"],
     }
     bad = {"runs": [{"name": "d", "model": "no-such-method"}], "tasks": ["mas_gsm8k"]}
-    for config, message in ((missing, "train it first"), (bad, "unknown model")):
-        path = _write(tmp_path, config)
+    for config, message in (
+        (missing, "train it first"),
+        (bad, "unknown model"),
+        ("runs: [name: d", "not valid YAML"),
+        ("- a list", "is a mapping"),
+    ):
+        if isinstance(config, str):
+            path = tmp_path / "config.yaml"
+            path.write_text(config)
+        else:
+            path = _write(tmp_path, config)
         assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
