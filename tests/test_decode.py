@@ -132,18 +132,25 @@ def _invariant_backbone(model_dir, dtype: str, adapter=None):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "sampling", "mixed"),
-    [("float32", False, False), ("bfloat16", False, False), ("float32", True, False), ("bfloat16", True, True)],
+    ("dtype", "sampling", "mixed", "traced"),
+    [
+        ("float32", False, False, False),
+        ("bfloat16", False, False, True),
+        ("float32", True, False, False),
+        ("bfloat16", True, True, False),
+    ],
 )
 @torch.no_grad()
 def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_invariant_mode(
-    tiny_model_dir, tmp_path, monkeypatch, dtype, sampling, mixed
+    tiny_model_dir, tmp_path, monkeypatch, dtype, sampling, mixed, traced
 ):
     """Rows that stop at different steps: decoding with them dropped from the running batch (the default in the
     mode) gives every row's tokens and text exactly as keeping the whole batch to the end, each side on its own
-    model; `mixed`: each row under its own LoRA adapter (peft's mixed-adapter batches, as NeuroMAS decodes)."""
+    model; `mixed`: each row under its own LoRA adapter (peft's mixed-adapter batches, as NeuroMAS decodes);
+    `traced`: on top of a trace of upstream prompts of other lengths (left-padded, as LatentMAS's judger reads)."""
     from transformers import DynamicCache
 
+    from diffmas_eval.core.trace import append_prompts
     from diffmas_eval.testing import write_random_adapter
 
     selections = []
@@ -160,16 +167,22 @@ def test_dropping_stopped_rows_from_the_batch_changes_no_output_in_the_batch_inv
         roles = [path.name for path in sorted(adapter.iterdir()) if (path / "adapter_config.json").is_file()]
         assert len(roles) > 1
         names = [([*roles, "__base__"])[row % (len(roles) + 1)] for row in range(len(prompts))]
+    upstream = [[9, 8, 7], [20, 21, 22, 23, 24, 25, 26], [4], [50, 51], [60, 61, 62, 63], [70, 71, 72, 73, 74]]
+
+    def trace(backbone):  # a fresh trace each call: generate consumes the one it reads
+        return append_prompts(backbone, None, upstream)[0] if traced else None
+
     kept = _invariant_backbone(tiny_model_dir, dtype, adapter)
     sample = {"do_sample": True, "temperature": 0.9, "top_k": 20} if sampling else {}
     common = {"seeds": seeds, "adapter_names": names}
-    full = generate(kept, prompts, None, DecodingConfig(budget, **sample), compact=False, **common)
+    full = generate(kept, prompts, trace(kept), DecodingConfig(budget, **sample), compact=False, **common)
     # Each row's own text a little further on each time: the rows stop at different steps, one never.
     stop = tuple(g.text[(i + 1) * len(g.text) // 8 :][:2] for i, g in enumerate(full[:-1]))
     config = DecodingConfig(budget, stop=stop, **sample)
-    whole = generate(kept, prompts, None, config, compact=False, **common)
+    whole = generate(kept, prompts, trace(kept), config, compact=False, **common)
     assert not selections
-    compacted = generate(_invariant_backbone(tiny_model_dir, dtype, adapter), prompts, None, config, **common)
+    other = _invariant_backbone(tiny_model_dir, dtype, adapter)
+    compacted = generate(other, prompts, trace(other), config, **common)
 
     assert [(g.token_ids, g.text, g.stopped_before_budget) for g in compacted] == [
         (g.token_ids, g.text, g.stopped_before_budget) for g in whole
