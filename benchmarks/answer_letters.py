@@ -56,14 +56,13 @@ def _kept(files: list[Path], task: str) -> list[Path]:
     one of the same run configuration and final-agent budget on documents no kept piece has; an older piece sharing a
     document with a kept one, or made with other settings, is superseded."""
     newest_first = sorted(files, key=lambda samples: _started(samples, task), reverse=True)
-    kept, covered = [], set()
+    newest = _run_key_and_budget(newest_first[0].parent, task)
+    kept: dict[Path, set[int]] = {}
     for samples in newest_first:
         docs = _doc_ids(samples)
-        same = not kept or _run_key_and_budget(samples.parent, task) == _run_key_and_budget(kept[0].parent, task)
-        if same and not docs & covered:
-            kept.append(samples)
-            covered |= docs
-    return sorted(kept, key=lambda samples: min(_doc_ids(samples), default=0))
+        if _run_key_and_budget(samples.parent, task) == newest and not any(docs & other for other in kept.values()):
+            kept[samples] = docs
+    return sorted(kept, key=lambda samples: min(kept[samples], default=0))
 
 
 def _cells(results: Path) -> dict[tuple[str, str], list[Path]]:

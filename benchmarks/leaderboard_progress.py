@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCORED = "_mc"  # letter-scored (loglikelihood) variants end in this
 
 
-def _measured(piece: Piece) -> tuple[int, float | None]:
+def _measured(piece: Piece, artefacts: dict[str, str]) -> tuple[int, float | None]:
     """(documents covered, seconds per document) from a piece's finished results files: the documents of the largest
     one made with the trained artefacts now at the run's paths (any, when those are absent) and the piece's final-agent
     budget (results under an older budget count as not done: the piece reruns them), the rate of the largest one
-    whatever its artefacts and budget (a retrained adapter costs the same)."""
-    artefacts = piece.artefact_fingerprints_here()
+    whatever its artefacts and budget (a retrained adapter costs the same). `artefacts`: the piece's
+    `artefact_fingerprints_here()`."""
     done, rate, largest = 0, None, 0
     budget = split_budget(piece.gen_kwargs)[1]
     for path in piece.directory.glob("**/results_*.json"):
@@ -54,11 +54,12 @@ def _measured(piece: Piece) -> tuple[int, float | None]:
     return done, rate
 
 
-def _artefacts(piece: Piece, out: Path) -> str:
-    """`here`, `to train`, `gone` or "" (the run loads no trained artefact); see the module's docstring."""
+def _artefacts(piece: Piece, out: Path, here: dict[str, str]) -> str:
+    """`here`, `to train`, `gone` or "" (the run loads no trained artefact); see the module's docstring. `here`: the
+    piece's `artefact_fingerprints_here()`."""
     if not any(piece.model_args.get(arg) for arg in ARTEFACT_ARGS):
         return ""
-    if piece.artefact_fingerprints_here():
+    if here:
         return "here"
     for path in (out / piece.run).glob("**/results_*.json"):
         recorded = json.loads(path.read_text())["config"].get("diffmas") or {}
@@ -72,8 +73,13 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
     config = load_config(config_path)
     out = out or ROOT / "results" / config["name"]
     records = []
+    artefacts: dict[str, tuple[dict[str, str], str]] = {}  # per run (its pieces share them): fingerprints, status
     for piece in plan(config, out, only=only, check_artefacts=False):
-        done, rate = _measured(piece)
+        if piece.run not in artefacts:  # fingerprinting reads the weights: once per run
+            here = piece.artefact_fingerprints_here()
+            artefacts[piece.run] = here, _artefacts(piece, out, here)
+        here, status = artefacts[piece.run]
+        done, rate = _measured(piece, here)
         # A run's parts start after the documents its task's piece evaluated whole before it had a part size.
         before = piece.covered if piece.part and piece.part[0] == piece.covered else 0
         records.append(
@@ -86,7 +92,7 @@ def progress(config_path: Path, out: Path | None = None, only: list[str] | None 
                 "done": min(done, piece.documents or done) + before,
                 "s/doc": rate,
                 "rate from": "piece" if rate else None,
-                "artefacts": _artefacts(piece, out),
+                "artefacts": status,
             }
         )
     # A run evaluated in parts (`part_size`): one line per (run, task), its parts' documents summed, rates averaged.
